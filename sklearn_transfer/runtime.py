@@ -1,0 +1,134 @@
+"""Where and how computation runs: device, precision, threads and seeds.
+
+Every estimator asks this module, so that "auto" means the same thing
+everywhere and the CUDA-only switches (pinned memory, autocast,
+non-blocking copies) are decided in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Runtime", "resolve_device", "seed_everything", "seed_worker"]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn a user's ``device`` parameter into a :class:`torch.device`.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda", "cuda:N", "mps"} or torch.device
+        ``"auto"`` (or ``None``) picks CUDA when a GPU is visible, the CPU
+        otherwise.
+
+    Returns
+    -------
+    torch.device
+
+    Examples
+    --------
+    >>> from sklearn_transfer.runtime import resolve_device
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a device torch knows; use 'auto', 'cpu' or 'cuda'."
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was asked for but no CUDA GPU is visible; use device='auto' "
+            "to fall back to the CPU."
+        )
+    return dev
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The execution settings derived from a device, in one object.
+
+    Attributes
+    ----------
+    device : torch.device
+    pin_memory : bool
+        Page-locked host batches; only pays on CUDA.
+    non_blocking : bool
+        Overlap host-to-device copies with compute; only with pinned memory.
+    amp_dtype : torch.dtype or None
+        Autocast dtype for inference/training on CUDA (``float16``), ``None``
+        on the CPU, where bfloat16 autocast is slower than float32 on most
+        machines and changes results.
+    """
+
+    device: torch.device
+    pin_memory: bool
+    non_blocking: bool
+    amp_dtype: torch.dtype | None
+
+    @classmethod
+    def from_device(cls, device: str | torch.device | None = "auto") -> Runtime:
+        dev = resolve_device(device)
+        cuda = dev.type == "cuda"
+        return cls(
+            device=dev,
+            pin_memory=cuda,
+            non_blocking=cuda,
+            amp_dtype=torch.float16 if cuda else None,
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast on CUDA, a no-op elsewhere."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=self.non_blocking)
+
+
+def seed_everything(random_state: int | np.random.RandomState | None) -> torch.Generator | None:
+    """Seed Python, NumPy and torch; return a torch generator for samplers.
+
+    ``None`` leaves the global state alone and returns ``None``.
+
+    Examples
+    --------
+    >>> from sklearn_transfer.runtime import seed_everything
+    >>> g = seed_everything(0)
+    >>> int(g.initial_seed())
+    0
+    """
+    if random_state is None:
+        return None
+    if isinstance(random_state, np.random.RandomState):
+        seed = int(random_state.randint(0, 2**31 - 1))
+    else:
+        seed = int(random_state)
+    random.seed(seed)
+    # the global NumPy state is what third-party augmentations draw from
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` that derives NumPy/random seeds from torch's.
+
+    torch seeds each worker from the loader's generator; Python's ``random``
+    and NumPy are not, so augmentations using them would repeat across
+    workers and runs without this.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)  # noqa: NPY002
+    random.seed(seed)
