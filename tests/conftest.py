@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny made-up images, a tiny backbone, the real datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from sklearn_transfer.backbones import Backbone, DataConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SKLEARN_TRANSFER_DATA", REPO.parent / "shared" / "data"))
+
+
+def real_dataset(name: str) -> Path:
+    """Path of a dataset in ../shared/data, or skip the test saying why."""
+    path = DATA_DIR / name
+    if not path.is_dir():
+        pytest.skip(
+            f"real dataset {name!r} not found at {path}: set SKLEARN_TRANSFER_DATA to the "
+            "folder holding it (the project's ../shared/data)"
+        )
+    return path
+
+
+def make_tiny_backbone(seed: int = 0) -> Backbone:
+    """A 3-stage network that runs in microseconds, with BatchNorm like real ones."""
+    torch.manual_seed(seed)
+    stages = [
+        ("stem", nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
+                               nn.ReLU())),
+        ("block", nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16))),
+        ("head", nn.Sequential(nn.Conv2d(16, 24, 1), nn.ReLU())),
+    ]
+    return Backbone(stages, DataConfig(input_size=32, crop_pct=1.0), name="tiny",
+                    weights_id=f"tiny-seed{seed}")
+
+
+@pytest.fixture
+def tiny_backbone() -> Backbone:
+    return make_tiny_backbone()
+
+
+def colour_images(n: int, size: int = 40, seed: int = 0) -> np.ndarray:
+    """``n`` uint8 RGB images: two classes told apart by their dominant colour."""
+    rng = np.random.RandomState(seed)
+    imgs = rng.randint(0, 90, (n, size, size, 3)).astype(np.uint8)
+    for i in range(n):
+        imgs[i, ..., i % 2] += 150
+    return imgs
+
+
+@pytest.fixture
+def image_files(tmp_path: Path) -> list[Path]:
+    """Eight small JPEG/PNG files on disk."""
+    paths = []
+    for i, arr in enumerate(colour_images(8)):
+        path = tmp_path / f"img{i}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
