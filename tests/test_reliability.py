@@ -1,0 +1,108 @@
+"""Reliability of the feature path: odd real-world files, no network, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sklearn_transfer import CNNFeatureTransformer
+
+from .conftest import REPO, make_tiny_backbone
+
+
+def tiny(**params) -> CNNFeatureTransformer:
+    return CNNFeatureTransformer(backbone=make_tiny_backbone(), progress=False, **params)
+
+
+def test_odd_but_valid_images_all_give_codes(tmp_path):
+    """1x1 pixel, animated GIF (first frame), RGBA, palette, CMYK, 16-bit, EXIF-rotated."""
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(tmp_path / "one.png")
+    frames = [Image.new("P", (16, 16), i) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGBA", (16, 16), (0, 0, 255, 128)).save(tmp_path / "alpha.png")
+    Image.new("CMYK", (16, 16), (0, 0, 0, 255)).save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(tmp_path / "g16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (30, 10)).save(tmp_path / "rot.jpg", exif=exif)
+    files = sorted(tmp_path.iterdir())
+    for workers in (0, 2):
+        codes = tiny(num_workers=workers).fit().transform(files)
+        assert codes.shape == (len(files), 24) and np.isfinite(codes).all()
+
+
+def test_decompression_bomb_is_refused_with_the_file_named(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (400, 400)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # 400² is > 2x the limit
+    with pytest.raises(ValueError, match=r"bomb\.png.*index 0.*too large"):
+        tiny().fit().transform([path])
+
+
+def _run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_and_offline_backbones_open_no_socket():
+    result = _run("""
+        import json, socket
+        opened = []
+        class NoSocket(socket.socket):
+            def __init__(self, *a, **k):
+                opened.append(a)
+                raise OSError("sockets are disabled in this test")
+        socket.socket = NoSocket
+        import numpy as np
+        import sklearn_transfer
+        from sklearn_transfer import CNNFeatureTransformer, available_backbones, get_backbone
+        for name in available_backbones():
+            get_backbone(name)
+        codes = CNNFeatureTransformer().fit_transform(np.zeros((1, 32, 32, 3), np.uint8))
+        print(json.dumps({"opened": len(opened), "shape": list(codes.shape)}))
+    """)
+    assert result == {"opened": 0, "shape": [1, 1280]}
+
+
+def test_memory_stays_bounded_while_transforming_thousands_of_images(tmp_path):
+    """2,000 images at 224 px would hold 300 MB of pixels; the transformer keeps a batch."""
+    result = _run(f"""
+        import json, resource
+        import numpy as np
+        from PIL import Image
+        from tests.conftest import make_tiny_backbone
+        from sklearn_transfer import CNNFeatureTransformer
+        from sklearn_transfer.backbones import DataConfig
+        paths = []
+        for i in range(8):
+            p = {str(tmp_path)!r} + f"/{{i}}.png"
+            Image.fromarray(np.full((240, 240, 3), i * 30, np.uint8)).save(p)
+            paths.append(p)
+        X = np.array(paths * 250, dtype=object)  # 2,000 files to decode
+        net = make_tiny_backbone()
+        net.data_config = DataConfig(input_size=224, crop_pct=1.0)
+        tf = CNNFeatureTransformer(net, batch_size=32, progress=False).fit()
+        tf.transform(X[:64])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        codes = tf.transform(X)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"growth_mb": (after - before) / 1024, "rows": len(codes)}}))
+    """)
+    print(result)
+    assert result["rows"] == 2000
+    assert result["growth_mb"] < 100, result  # all pixels at once would be >= 300 MB
+
+
+def test_transform_is_deterministic():
+    X = np.random.RandomState(0).randint(0, 256, (4, 40, 40, 3), dtype=np.uint8)
+    a = tiny().fit().transform(X)
+    b = tiny().fit().transform(X)
+    np.testing.assert_array_equal(a, b)
