@@ -1,0 +1,1 @@
+"""Benchmark scripts of sklearn_transfer; ``python -m benchmarks run`` is the main suite."""

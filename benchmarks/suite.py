@@ -1,0 +1,359 @@
+"""Scratch CNN vs CNN codes + linear heads vs fine-tuning, on every dataset found.
+
+Each dataset is ``NAME/{train,val}/CLASS/*`` (or, with no data folder,
+scikit-learn's digits). Every strategy fits on ``train`` only, choosing its
+hyper-parameters by cross-validation on ``train``, and is scored once on
+``val``. Results go to ``--out`` as JSON, a Markdown table and PNG plots.
+
+Run::
+
+    python -m benchmarks run --data ../shared/data            # the full run
+    python -m benchmarks run --quick                          # a smoke run (~1 min)
+    python -m benchmarks run                                  # digits, no data needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.svm import LinearSVC
+from torch import nn
+
+import sklearn_transfer
+from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier, load_image_folder
+from sklearn_transfer.backbones import Backbone, DataConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 0
+STRATEGIES = ("scratch_cnn", "codes_logreg", "codes_linearsvc", "finetune_head",
+              "finetune_partial")
+
+
+@dataclass
+class Dataset:
+    name: str
+    X_train: Any
+    y_train: np.ndarray
+    X_val: Any
+    y_val: np.ndarray
+    note: str = ""
+
+    @property
+    def n_classes(self) -> int:
+        return len(np.unique(self.y_train))
+
+
+@dataclass
+class Result:
+    dataset: str
+    strategy: str
+    backbone: str
+    accuracy: float
+    f1_macro: float
+    fit_s: float
+    predict_s: float
+    predict_images_per_s: float
+    n_train: int
+    n_val: int
+    settings: dict[str, Any]
+    curve: dict[str, list[float]] = field(default_factory=dict)
+    grid: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------- datasets
+
+
+def find_datasets(data: Path | None, quick: bool, names: list[str] | None) -> list[Dataset]:
+    """Every ``NAME/{train,val}`` folder under ``data``; digits when there is none."""
+    found = []
+    if data is not None and data.is_dir():
+        for folder in sorted(p for p in data.iterdir() if (p / "train").is_dir()
+                             and (p / "val").is_dir()):
+            if names and folder.name not in names:
+                continue
+            X_tr, y_tr = load_image_folder(folder / "train")
+            X_va, y_va = load_image_folder(folder / "val")
+            note = ""
+            if folder.name.startswith("cifar10"):
+                note = ("32 px images upscaled to the backbone's input size; 10,000 training "
+                        "images, not the 50,000 of the published figures")
+            found.append(Dataset(folder.name, X_tr, y_tr, X_va, y_va, note))
+    if not found:
+        found.append(digits())
+    if quick:
+        found = [subsample(d, per_class_train=8, per_class_val=4) for d in found]
+    return found
+
+
+def digits() -> Dataset:
+    """scikit-learn's handwritten digits, 8x8 grayscale scans, split 50/50 (stratified)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255 / 16)).astype(np.uint8)
+    X_tr, X_va, y_tr, y_va = train_test_split(images, bunch.target, test_size=0.5,
+                                              stratify=bunch.target, random_state=SEED)
+    return Dataset("sklearn_digits", X_tr, y_tr, X_va, y_va,
+                   "scikit-learn's load_digits, 8x8 scans upscaled; no data folder needed")
+
+
+def subsample(d: Dataset, per_class_train: int, per_class_val: int) -> Dataset:
+    def take(y: np.ndarray, k: int) -> np.ndarray:
+        return np.concatenate([np.flatnonzero(y == c)[:k] for c in np.unique(y)])
+
+    tr, va = take(d.y_train, per_class_train), take(d.y_val, per_class_val)
+    return Dataset(d.name, d.X_train[tr], d.y_train[tr], d.X_val[va], d.y_val[va],
+                   (d.note + "; " if d.note else "") + "quick subset")
+
+
+# --------------------------------------------------------------------- strategies
+
+
+def scratch_backbone(input_size: int = 128) -> Backbone:
+    """The seeds' baseline: three conv + max-pool blocks (GAP and softmax come from the head)."""
+    def block(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+    torch.manual_seed(SEED)
+    return Backbone([("conv1", block(3, 32)), ("conv2", block(32, 64)),
+                     ("conv3", block(64, 128))],
+                    DataConfig(input_size=input_size, crop_pct=1.0), name="scratch_cnn",
+                    weights_id="random")
+
+
+@dataclass
+class Plan:
+    """What a run does per dataset: budgets and grids, scaled to the data size."""
+
+    epochs: int
+    freeze_grid: list[Any] | None
+    cv: int
+    c_logreg: list[float]
+    c_svc: list[float]
+    batch_size: int = 32
+
+
+def plan_for(d: Dataset, quick: bool) -> Plan:
+    n = len(d.y_train)
+    if quick:
+        return Plan(epochs=1, freeze_grid=None, cv=2, c_logreg=[1.0], c_svc=[0.1], batch_size=16)
+    grid = [-2, -3, -5] if n <= 1000 else None  # a freeze-depth grid only where it is cheap
+    return Plan(epochs=5 if n <= 3000 else 2, freeze_grid=grid, cv=3 if n > 1000 else 5,
+                c_logreg=[0.01, 0.1, 1.0, 10.0], c_svc=[0.001, 0.01, 0.1, 1.0])
+
+
+def build(strategy: str, backbone: str, plan: Plan, cache: Path, verbose: int):
+    """(estimator, settings) for one strategy."""
+    cv = StratifiedKFold(plan.cv, shuffle=True, random_state=SEED)
+    codes = CNNFeatureTransformer(backbone, memory=str(cache), progress=False)
+    if strategy == "codes_logreg":
+        pipe = make_pipeline(codes, LogisticRegression(max_iter=3000))
+        return GridSearchCV(pipe, {"logisticregression__C": plan.c_logreg}, cv=cv), {
+            "grid": {"C": plan.c_logreg}, "cv": plan.cv}
+    if strategy == "codes_linearsvc":
+        pipe = make_pipeline(codes, LinearSVC(max_iter=20000))
+        return GridSearchCV(pipe, {"linearsvc__C": plan.c_svc}, cv=cv), {
+            "grid": {"C": plan.c_svc}, "cv": plan.cv}
+    common = dict(max_epochs=plan.epochs, batch_size=plan.batch_size, random_state=SEED,
+                  verbose=verbose)
+    if strategy == "scratch_cnn":
+        clf = FineTunedClassifier(scratch_backbone(), freeze_depth=0, backbone_lr_mult=1.0,
+                                  lr=3e-3, patience=None, **common)
+        return clf, {"architecture": "3x(conv3x3+BN+ReLU+maxpool) 32/64/128, GAP, linear",
+                     "input_size": 128, "lr": 3e-3, **common}
+    if strategy == "finetune_head":
+        return FineTunedClassifier(backbone, freeze_depth="all", **common), {
+            "freeze_depth": "all", **common}
+    if strategy == "finetune_partial":
+        clf = FineTunedClassifier(backbone, **common)
+        if plan.freeze_grid:
+            grid = GridSearchCV(clf, {"freeze_depth": plan.freeze_grid},
+                                cv=StratifiedKFold(3, shuffle=True, random_state=SEED))
+            return grid, {"freeze_depth_grid": plan.freeze_grid, "cv": 3, **common}
+        return clf, {"freeze_depth": clf.freeze_depth, **common}
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+
+
+def evaluate(d: Dataset, strategy: str, backbone: str, plan: Plan, cache: Path,
+             verbose: int) -> Result:
+    est, settings = build(strategy, backbone, plan, cache, verbose)
+    t0 = time.perf_counter()
+    est.fit(d.X_train, d.y_train)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = est.predict(d.X_val)
+    predict_s = time.perf_counter() - t0
+    result = Result(
+        dataset=d.name, strategy=strategy,
+        backbone="scratch_cnn" if strategy == "scratch_cnn" else backbone,
+        accuracy=float(accuracy_score(d.y_val, pred)),
+        f1_macro=float(f1_score(d.y_val, pred, average="macro")),
+        fit_s=fit_s, predict_s=predict_s, predict_images_per_s=len(pred) / predict_s,
+        n_train=len(d.y_train), n_val=len(d.y_val), settings=settings,
+    )
+    best = getattr(est, "best_estimator_", est)
+    if isinstance(est, GridSearchCV):
+        result.settings["best_params"] = _jsonable(est.best_params_)
+        result.grid = {
+            "params": _jsonable(est.cv_results_["params"]),
+            "mean_cv_accuracy": [float(v) for v in est.cv_results_["mean_test_score"]],
+        }
+    if isinstance(best, FineTunedClassifier):
+        hist = best.history_
+        result.curve = {key: [float(v) for v in hist[:, key]]
+                        for key in ("train_loss", "valid_loss", "valid_acc")
+                        if all(key in row for row in hist)}
+    return result
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+# ----------------------------------------------------------------------- reporting
+
+
+def write_report(results: list[Result], meta: dict[str, Any], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    lines = [
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; torch {meta['torch']}; seed {SEED}; "
+        f"total {meta['total_s'] / 60:.1f} min",
+        "",
+        "| dataset | strategy | backbone | val accuracy | macro F1 | fit s | predict img/s |"
+        " settings |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        chosen = r.settings.get("best_params", {k: r.settings[k] for k in ("freeze_depth",)
+                                                if k in r.settings})
+        lines.append(f"| {r.dataset} (n={r.n_train}/{r.n_val}) | {r.strategy} | {r.backbone} | "
+                     f"{r.accuracy:.4f} | {r.f1_macro:.4f} | {r.fit_s:.0f} | "
+                     f"{r.predict_images_per_s:.1f} | {json.dumps(chosen)} |")
+    notes = [f"- {name}: {note}" for name, note in meta["notes"].items() if note]
+    table = "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    (out / "results.md").write_text(table)
+    plot(results, out)
+    return table
+
+
+def plot(results: list[Result], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r.dataset for r in results})
+    strategies = [s for s in STRATEGIES if any(r.strategy == s for r in results)]
+    fig, ax = plt.subplots(figsize=(max(6, 2 * len(datasets)), 4))
+    width = 0.8 / max(1, len(strategies))
+    for k, s in enumerate(strategies):
+        acc = [next((r.accuracy for r in results if r.dataset == d and r.strategy == s),
+                    np.nan) for d in datasets]
+        ax.bar(np.arange(len(datasets)) + k * width, acc, width, label=s)
+    ax.set_xticks(np.arange(len(datasets)) + 0.4 - width / 2, datasets, rotation=15)
+    ax.set_ylabel("val accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=100)
+    plt.close(fig)
+
+    curves = [r for r in results if r.curve.get("valid_acc")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in curves:
+            ax.plot(range(1, len(r.curve["valid_acc"]) + 1), r.curve["valid_acc"],
+                    marker="o", label=f"{r.dataset}: {r.strategy}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("internal validation accuracy")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "learning_curves.png", dpi=100)
+        plt.close(fig)
+
+    grids = [r for r in results if r.strategy == "finetune_partial" and r.grid]
+    if grids:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in grids:
+            depths = [str(p["freeze_depth"]) for p in r.grid["params"]]
+            ax.plot(depths, r.grid["mean_cv_accuracy"], marker="o", label=r.dataset)
+        ax.set_xlabel("freeze_depth")
+        ax.set_ylabel("mean CV accuracy on train")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "freeze_depth.png", dpi=100)
+        plt.close(fig)
+
+
+# -------------------------------------------------------------------------- main
+
+
+def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = print) -> str:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="folder of NAME/{train,val}/CLASS/* datasets (default: digits)")
+    parser.add_argument("--datasets", nargs="*", help="only these dataset names")
+    parser.add_argument("--backbones", nargs="*", default=["efficientnet_lite0"])
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES),
+                        choices=STRATEGIES)
+    parser.add_argument("--quick", action="store_true", help="a few images per class")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="feature cache folder (default: OUT/cache)")
+    parser.add_argument("--verbose", type=int, default=0, help="1 prints skorch epoch tables")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    cache = args.cache or args.out / "cache"
+    datasets = find_datasets(args.data, args.quick, args.datasets)
+    results = []
+    for d in datasets:
+        plan = plan_for(d, args.quick)
+        for backbone in args.backbones:
+            for strategy in args.strategies:
+                if strategy == "scratch_cnn" and backbone != args.backbones[0]:
+                    continue  # the scratch CNN has no backbone: run it once
+                r = evaluate(d, strategy, backbone, plan, cache, args.verbose)
+                results.append(r)
+                progress(f"{d.name:28s} {strategy:16s} {r.backbone:18s} acc {r.accuracy:.4f} "
+                         f"f1 {r.f1_macro:.4f}  fit {r.fit_s:6.0f} s")
+    meta = {
+        "command": "python -m benchmarks run " + " ".join(argv if argv is not None
+                                                          else sys.argv[2:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "torch": torch.__version__, "sklearn_transfer": sklearn_transfer.__version__,
+        "seed": SEED, "total_s": time.perf_counter() - start,
+        "notes": {d.name: d.note for d in datasets},
+    }
+    table = write_report(results, meta, args.out)
+    progress(table)
+    return table
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] != "run":
+        sys.exit("usage: python -m benchmarks run [--data DIR] [--quick] [...]; see --help")
+    run(sys.argv[2:])
+
+
+__all__ = ["main", "run"]
