@@ -1,21 +1,28 @@
 """Transfer learning on images as scikit-learn estimators.
 
 * :class:`CNNFeatureTransformer`: images in, pretrained CNN codes out.
+* :class:`FineTunedClassifier`: a pretrained CNN fine-tuned end to end (skorch).
 * :func:`get_backbone`: pretrained networks cut into stages, with their
   preprocessing.
+* :class:`FeatureCache`: the persistent cache of codes behind
+  ``CNNFeatureTransformer(memory=...)``.
 * :func:`load_image_folder`: an ImageFolder tree ``root/CLASS/*`` as ``X, y``.
 """
 
 __version__ = "0.1.0"
 
 from sklearn_transfer.backbones import Backbone, DataConfig, available_backbones, get_backbone
+from sklearn_transfer.cache import FeatureCache
 from sklearn_transfer.features import CNNFeatureTransformer
+from sklearn_transfer.finetune import FineTunedClassifier
 from sklearn_transfer.images import ImageLoadError, load_image_folder
 
 __all__ = [
     "Backbone",
     "CNNFeatureTransformer",
     "DataConfig",
+    "FeatureCache",
+    "FineTunedClassifier",
     "ImageLoadError",
     "__version__",
     "available_backbones",

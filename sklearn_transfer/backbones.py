@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "available_backbones",
     "get_backbone",
     "load_checkpoint",
+    "module_fingerprint",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -139,8 +141,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.mean.dtype if not torch.is_autocast_enabled() else torch.float32
-        return (x.to(dtype) - self.mean) / self.std
+        return (x.float() - self.mean) / self.std
 
 
 class Backbone(nn.Module):
@@ -270,6 +271,48 @@ class Backbone(nn.Module):
 
 
 # --------------------------------------------------------------------------- weights
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's class name, architecture and tensor contents.
+
+    Stable across processes and machines (unlike ``id(module)``) and
+    different as soon as one weight or buffer changes, so that it can
+    identify a user's network in the feature cache's keys.
+
+    Parameters
+    ----------
+    module : nn.Module
+
+    Returns
+    -------
+    str
+        64 hex digits.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_transfer.backbones import module_fingerprint
+    >>> net = nn.Conv2d(3, 4, 3)
+    >>> a = module_fingerprint(net)
+    >>> with torch.no_grad():
+    ...     _ = net.bias.add_(1.0)
+    >>> a == module_fingerprint(net), len(a)
+    (False, 64)
+    """
+    h = hashlib.sha256()
+    # the qualified name, not the module path: a class must hash the same whether its
+    # file is imported as a module or run as __main__
+    h.update(type(module).__qualname__.encode())
+    h.update(b"\0" + nn.Module.__repr__(module).encode())  # Backbone overrides __repr__
+    # parameters and all buffers, including non-persistent ones the state dict omits
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    for name, tensor in tensors:
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"\0{name}:{t.dtype}:{tuple(tensor.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -650,7 +693,7 @@ def get_backbone(
         else:
             stages, head = _cut(backbone, type(backbone).__name__)
         return Backbone(stages, DataConfig(), classifier=head, name=type(backbone).__name__,
-                        weights_id=f"module:{id(backbone)}")
+                        weights_id=f"module:{module_fingerprint(backbone)}")
     if not isinstance(backbone, str):
         raise TypeError(
             f"backbone must be a name, an nn.Module or a Backbone, got {type(backbone).__name__}"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import numbers
-from collections.abc import Sequence
+import os
+import sqlite3
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sklearn_transfer.backbones import Backbone, get_backbone
+from sklearn_transfer.cache import (
+    FeatureCache,
+    as_feature_cache,
+    describe_computation,
+    image_keys,
+)
 from sklearn_transfer.images import (
     ImageDataset,
     ImageSource,
@@ -94,11 +103,20 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         ``"auto"`` uses CUDA when present (pinned memory, non-blocking
         copies, float16 autocast), the CPU otherwise.
     num_workers : int, default=0
-        DataLoader worker processes decoding images. On a machine with few
-        cores decoding in the main process is as fast; on a GPU machine use
-        several.
+        DataLoader worker processes decoding images. ``0`` decodes in a
+        background thread of this process, overlapping the forward pass
+        (fastest on a machine with few cores); on a GPU machine use several.
     progress : bool or "auto", default="auto"
         A tqdm progress bar; ``"auto"`` shows it for more than 1,000 images.
+    memory : str, path-like, FeatureCache or None, default=None
+        A directory for a persistent cache of codes (see
+        :mod:`sklearn_transfer.cache`): ``transform`` looks every image up by
+        its content and by everything that changes its codes (network and
+        weights, stages, pooling, ReLU, preprocessing) and runs the network
+        on the missing images only, storing their codes batch by batch.
+        Folds and candidates of a grid search, repeated runs and concurrent
+        processes then compute each image's codes once. ``None`` caches
+        nothing.
 
     Attributes
     ----------
@@ -130,6 +148,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         device: str = "auto",
         num_workers: int = 0,
         progress: bool | str = "auto",
+        memory: str | os.PathLike | FeatureCache | None = None,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -140,6 +159,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         self.device = device
         self.num_workers = num_workers
         self.progress = progress
+        self.memory = memory
 
     # ------------------------------------------------------------------ sklearn
 
@@ -163,6 +183,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             raise ValueError(f"num_workers={self.num_workers!r} must be an integer >= 0")
         if self.progress not in (True, False, "auto"):
             raise ValueError(f"progress={self.progress!r} must be True, False or 'auto'")
+        as_feature_cache(self.memory)  # TypeError naming memory
 
     def fit(self, X: Any = None, y: Any = None) -> CNNFeatureTransformer:
         """Prepare the network (no training): load the weights, resolve stages.
@@ -184,6 +205,10 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             raise type(exc)(f"stage={self.stage!r}: {exc}") from None
         self.backbone_ = net
         self._extractor = None
+        self._computation = None
+        cache = as_feature_cache(self.memory)
+        if cache is not None:
+            cache.check_writable()  # fail now, not after an hour of extraction
         widths = net.widths
         factor = 2 if self.pooling == "catavgmax" else 1
         self.n_features_out_ = sum(widths[i] * factor for i in self.stages_)
@@ -216,7 +241,63 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "backbone_")
         source = as_image_source(X)
-        return self._extract(source, np.arange(len(source)))
+        cache = as_feature_cache(self.memory)
+        if cache is None:
+            return self._extract(source, np.arange(len(source)))
+        return self._transform_cached(source, cache)
+
+    def _computation_key(self) -> tuple[str, dict]:
+        """The cache key of this transformer's computation (remembered per precision)."""
+        runtime = Runtime.from_device(self.device)
+        precision = "float32" if runtime.amp_dtype is None else (
+            f"autocast-{str(runtime.amp_dtype).removeprefix('torch.')}")
+        memo = getattr(self, "_computation", None)
+        if memo is None or memo[0] != precision:
+            key = describe_computation(
+                self.backbone_, self.stages_, self.pooling, self.relu, precision)
+            self._computation = memo = (precision, key)
+        return memo[1]
+
+    def _transform_cached(self, source: ImageSource, cache: FeatureCache) -> np.ndarray:
+        """Codes from the cache where present; the rest computed, stored batch by batch."""
+        config, description = self._computation_key()
+        keys = image_keys(source)
+        # identical images (same content) are computed once
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        unique = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+        out = np.empty((len(source), self.n_features_out_), dtype=np.float32)
+        width = self.n_features_out_
+        with cache._connect() as conn:
+            found = cache.lookup(config, [keys[i] for i in unique], width, conn=conn)
+            missing = np.asarray(
+                [i for pos, i in enumerate(unique) if pos not in found], dtype=np.int64)
+            for pos, codes in found.items():
+                out[unique[pos]] = codes
+            if len(missing):
+                failed: list[Exception] = []
+
+                def store(positions: np.ndarray, codes: np.ndarray) -> None:
+                    if failed:
+                        return
+                    try:
+                        cache.store(config, [keys[missing[p]] for p in positions], codes,
+                                    description, conn=conn)
+                    except sqlite3.Error as exc:
+                        # a full disk must not throw away the codes computed so far
+                        failed.append(exc)
+                        warnings.warn(
+                            f"could not store codes in the feature cache {str(cache.path)!r} "
+                            f"({exc}); going on without storing them",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+
+                out[missing] = self._extract(source, missing, on_batch=store)
+        if len(unique) < len(keys):
+            out[:] = out[[first[key] for key in keys]]
+        return out
 
     def _runtime_extractor(self) -> tuple[Runtime, CodesExtractor]:
         """The extractor on the requested device, built once per device."""
@@ -230,8 +311,18 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             self._extractor = (runtime.device, module)
         return runtime, self._extractor[1]
 
-    def _extract(self, source: ImageSource, indices: np.ndarray) -> np.ndarray:
-        """Codes for ``source[indices]``, batch by batch; only the output is kept."""
+    def _extract(
+        self,
+        source: ImageSource,
+        indices: np.ndarray,
+        on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    ) -> np.ndarray:
+        """Codes for ``source[indices]``, batch by batch; only the output is kept.
+
+        ``on_batch(positions, codes)`` is called after each batch with the
+        batch's positions in ``indices`` (the cache stores them there, so a
+        run stopped half-way keeps what it computed).
+        """
         runtime, module = self._runtime_extractor()
         out = np.empty((len(indices), self.n_features_out_), dtype=np.float32)
         if len(indices) == 0:
@@ -252,9 +343,12 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         bar = tqdm(total=len(indices), unit="img", disable=not show, desc="CNN codes")
         pos = 0
         with torch.inference_mode(), runtime.autocast():
-            for xb, _ in iterate_batches(loader):
+            prefetch = 2 if self.num_workers == 0 else 0
+            for xb, _ in iterate_batches(loader, prefetch=prefetch):
                 codes = module(runtime.to_device(xb))
                 out[pos: pos + len(codes)] = codes.float().cpu().numpy()
+                if on_batch is not None:
+                    on_batch(np.arange(pos, pos + len(codes)), out[pos: pos + len(codes)])
                 pos += len(codes)
                 bar.update(len(codes))
         bar.close()

@@ -1,0 +1,578 @@
+"""A persistent, content-addressed cache of CNN codes, shared across processes.
+
+Grid searches fit a fresh copy of the feature transformer for every fold
+and candidate, so without a cache the expensive forward pass runs again and
+again on the same images. :class:`FeatureCache` stores one row of codes per
+image in an SQLite database inside a directory; ``CNNFeatureTransformer(
+memory=directory)`` looks every image up first and runs the network on the
+missing ones only.
+
+What a row is keyed by
+----------------------
+* the **image's content**: the SHA-256 of the file's bytes (or of the
+  array's dtype, shape and bytes), never only its path, so an edited file is
+  recomputed and a copied one is found;
+* the **computation**: a SHA-256 over the backbone's name and weights
+  identity, a fingerprint of the network's architecture and every weight and
+  buffer, the stage indices, pooling, ReLU, the preprocessing
+  (:class:`~sklearn_transfer.backbones.DataConfig`), the numeric precision
+  and :data:`CODES_VERSION`, which is bumped whenever this library changes
+  how codes are computed. Versions of torch, timm or Pillow are not part of
+  the key: they change codes by rounding at most; :meth:`FeatureCache.clear`
+  starts afresh if wanted.
+
+Safety
+------
+SQLite in write-ahead-log mode gives atomic, isolated transactions: several
+processes (``GridSearchCV(n_jobs=2)``, two scripts) read while one writes,
+writers queue behind a busy timeout, and a process killed mid-write leaves
+an uncommitted transaction that SQLite rolls back on the next open. Each row
+also carries its length and a BLAKE2b checksum of key and codes, checked on
+every read; a row failing them (a damaged disk, a file copied while being
+written) is ignored, recomputed and overwritten. Do not put the directory on
+a network file system (NFS, SMB): SQLite's locking is unreliable there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CODES_VERSION",
+    "CacheInfo",
+    "FeatureCache",
+    "as_feature_cache",
+    "describe_computation",
+    "image_keys",
+]
+
+#: Bumped whenever sklearn_transfer changes how codes are computed, so old rows go unused.
+CODES_VERSION = 1
+#: Layout of the database (stored as SQLite's ``user_version``).
+CACHE_FORMAT = 1
+DB_NAME = "sklearn_transfer_codes.sqlite3"
+# Writers hold the lock for one batch's insert (milliseconds); waiting this long
+# means something is badly wrong, e.g. a process stopped while holding the lock.
+BUSY_TIMEOUT_S = 120.0
+_CHUNK = 500  # keys per SELECT ... IN (...), well below SQLite's variable limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS computations (
+    config      TEXT PRIMARY KEY,  -- SHA-256 of the description below
+    description TEXT NOT NULL,     -- JSON: backbone, weights, stages, pooling, ...
+    n_features  INTEGER NOT NULL,
+    created     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS codes (
+    config     TEXT NOT NULL,      -- computations.config
+    image      BLOB NOT NULL,      -- SHA-256 of the image's content (32 bytes)
+    n_features INTEGER NOT NULL,
+    checksum   BLOB NOT NULL,      -- BLAKE2b-128 of image key, width and data
+    data       BLOB NOT NULL,      -- float32 little-endian codes
+    PRIMARY KEY (config, image)
+);
+"""
+
+
+def _checksum(image: bytes, n_features: int, data: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(image)
+    h.update(n_features.to_bytes(8, "little"))
+    h.update(data)
+    return h.digest()
+
+
+def image_keys(source: Any) -> list[bytes]:
+    """The content key (SHA-256 of :meth:`ImageSource.fingerprint`) of every image.
+
+    Parameters
+    ----------
+    source : ImageSource or images
+        Anything :func:`~sklearn_transfer.images.as_image_source` accepts.
+
+    Returns
+    -------
+    list of bytes
+        32-byte digests, one per image, in order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_transfer.cache import image_keys
+    >>> images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    >>> images[2] += 1
+    >>> keys = image_keys(images)
+    >>> keys[0] == keys[1], keys[0] == keys[2], len(keys[0])
+    (True, False, 32)
+    """
+    from sklearn_transfer.images import as_image_source
+
+    source = as_image_source(source)
+    return [hashlib.sha256(source.fingerprint(i)).digest() for i in range(len(source))]
+
+
+def describe_computation(
+    backbone: Any,
+    stages: Sequence[int],
+    pooling: str,
+    relu: bool,
+    precision: str,
+) -> tuple[str, dict]:
+    """The key of one way of computing codes, and the description it hashes.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    stages : list of int
+        Resolved stage indices, in output order.
+    pooling : str
+    relu : bool
+    precision : str
+        ``"float32"``, or the autocast dtype (codes computed under float16
+        autocast differ from float32 ones, so they are kept apart).
+
+    Returns
+    -------
+    key : str
+        64 hex digits.
+    description : dict
+        What the key hashes, stored next to the rows for :meth:`FeatureCache.info`.
+    """
+    from dataclasses import asdict
+
+    from sklearn_transfer.backbones import module_fingerprint
+
+    description = {
+        "codes_version": CODES_VERSION,
+        "backbone": backbone.name,
+        "weights_id": backbone.weights_id,
+        # a Backbone built by hand may keep the default weights_id ("custom"), and a
+        # fitted one may have been modified since: the tensors themselves settle it
+        "network": module_fingerprint(backbone),
+        "stages": [int(i) for i in stages],
+        "stage_names": [backbone.stage_names[i] for i in stages],
+        "pooling": pooling,
+        "relu": bool(relu),
+        "data_config": asdict(backbone.data_config),
+        "precision": precision,
+    }
+    text = json.dumps(description, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), description
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What a :class:`FeatureCache` holds.
+
+    Attributes
+    ----------
+    path : str
+        The database file.
+    entries : int
+        Rows of codes (one per image and computation).
+    nbytes : int
+        Bytes of codes stored.
+    disk_bytes : int
+        Size of the database files on disk (including SQLite's log and free pages).
+    computations : list of dict
+        One per way of computing codes: backbone, stages, pooling, ... with
+        its ``entries`` and ``nbytes``.
+    """
+
+    path: str
+    entries: int
+    nbytes: int
+    disk_bytes: int
+    computations: list[dict] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {self.entries} entries, {self.nbytes / 1e6:.1f} MB of codes, "
+                 f"{self.disk_bytes / 1e6:.1f} MB on disk"]
+        for c in self.computations:
+            lines.append(
+                f"  {c['backbone']} stages={c['stage_names']} pooling={c['pooling']} "
+                f"relu={c['relu']} {c['precision']}: {c['entries']} entries"
+            )
+        return "\n".join(lines)
+
+
+class FeatureCache:
+    """CNN codes stored per image in an SQLite database under ``directory``.
+
+    Usually created for you by ``CNNFeatureTransformer(memory=directory)``;
+    use it directly to see what a cache holds or to clear it. Nothing is
+    opened or created until first use, and instances pickle as their path,
+    so they travel to joblib workers.
+
+    Parameters
+    ----------
+    directory : path-like
+        Created if missing. Must be writable (SQLite's write-ahead log lives
+        next to the database), and on a local file system.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from sklearn_transfer import FeatureCache
+    >>> cache = FeatureCache(tempfile.mkdtemp())
+    >>> cache.store("demo", [b"k" * 32], np.ones((1, 4), dtype=np.float32))
+    >>> found = cache.lookup("demo", [b"k" * 32, b"x" * 32], n_features=4)
+    >>> sorted(found) == [0], found[0].tolist()
+    (True, [1.0, 1.0, 1.0, 1.0])
+    >>> cache.info().entries
+    1
+    >>> cache.clear()
+    1
+    >>> cache.info().entries
+    0
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        if isinstance(directory, FeatureCache):
+            directory = directory.directory
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(
+                f"a feature cache directory is a path (str or pathlib.Path), got "
+                f"{type(directory).__name__}"
+            )
+        self.directory = os.fspath(directory)
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({self.directory!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FeatureCache) and other.directory == self.directory
+
+    def __hash__(self) -> int:
+        return hash(self.directory)
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return Path(self.directory).expanduser() / DB_NAME
+
+    # ---------------------------------------------------------------- opening
+
+    def check_writable(self) -> None:
+        """Create the directory and database if needed; raise if they cannot be written.
+
+        Raises
+        ------
+        PermissionError
+            The directory (or the database in it) cannot be written; the
+            message names it.
+        NotADirectoryError
+            The path exists and is not a directory.
+        """
+        directory = self._make_directory()
+        # os.access is wrong for root and for some mounts; actually writing is not
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise self._not_writable(exc) from None
+        with self._connect():
+            pass
+
+    def _make_directory(self) -> Path:
+        directory = self.path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            pass  # reported below
+        except OSError as exc:
+            raise self._not_writable(exc) from None
+        if not directory.is_dir():
+            raise NotADirectoryError(
+                f"feature cache directory {str(directory)!r} exists and is not a directory"
+            )
+        return directory
+
+    def _not_writable(self, exc: BaseException) -> PermissionError:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return PermissionError(
+            f"the feature cache directory {str(self.path.parent)!r} is not writable ({reason}). "
+            "The cache needs a directory it can create files in (SQLite keeps a log next to "
+            "the database); pass another directory as memory=..., or memory=None to run "
+            "without a cache."
+        )
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """One connection: WAL mode, busy timeout, schema checked; closed on exit."""
+        self._make_directory()
+        try:
+            # isolation_level=None: no implicit transactions, ours are explicit
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._not_writable(exc) from None
+        try:
+            self._prepare(conn)
+            yield conn
+        except sqlite3.OperationalError as exc:
+            if "readonly" in str(exc) or "unable to open" in str(exc):
+                raise self._not_writable(exc) from None
+            raise
+        finally:
+            conn.close()
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            # switching needs a moment alone with the file; the busy timeout does not
+            # always apply to it, so retry a few times when a new cache is opened by
+            # several processes at once
+            for attempt in range(50):
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 49:
+                        raise
+                    time.sleep(0.1)
+        # in WAL mode NORMAL loses no committed data on a process crash, only
+        # possibly the last transactions on a power cut, and never corrupts the file
+        conn.execute("PRAGMA synchronous = NORMAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == CACHE_FORMAT:
+            return
+        if version == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    # one by one: executescript would commit the open transaction
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {CACHE_FORMAT}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return
+        raise ValueError(
+            f"the feature cache {str(self.path)!r} has format {version}, which this version "
+            f"of sklearn_transfer (format {CACHE_FORMAT}) does not read; use another "
+            "directory, or delete this one"
+        )
+
+    # ----------------------------------------------------------- rows of codes
+
+    def lookup(
+        self,
+        config: str,
+        keys: Sequence[bytes],
+        n_features: int,
+        conn: sqlite3.Connection | None = None,
+    ) -> dict[int, np.ndarray]:
+        """The stored codes of those ``keys`` that have valid rows.
+
+        Parameters
+        ----------
+        config : str
+            The computation's key (see :func:`describe_computation`).
+        keys : sequence of bytes
+            Image keys (see :func:`image_keys`).
+        n_features : int
+            The expected width; rows of another width are ignored.
+        conn : sqlite3.Connection, optional
+            An open connection (internal); by default one is opened.
+
+        Returns
+        -------
+        dict of int to ndarray
+            Position in ``keys`` -> float32 codes of shape ``(n_features,)``.
+            Rows failing their length or checksum test are left out (and
+            reported in a ``RuntimeWarning``) so the caller recomputes them.
+        """
+        if conn is None:
+            with self._connect() as conn:
+                return self.lookup(config, keys, n_features, conn)
+        where: dict[bytes, list[int]] = {}
+        for i, key in enumerate(keys):
+            where.setdefault(bytes(key), []).append(i)
+        unique = list(where)
+        found: dict[int, np.ndarray] = {}
+        bad = 0
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start: start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT image, n_features, checksum, data FROM codes "
+                f"WHERE config = ? AND image IN ({marks})",
+                [config, *chunk],
+            ).fetchall()
+            for image, width, checksum, data in rows:
+                if (width != n_features or len(data) != 4 * n_features
+                        or checksum != _checksum(image, width, data)):
+                    bad += 1
+                    continue
+                codes = np.frombuffer(data, dtype="<f4")
+                for i in where[bytes(image)]:
+                    found[i] = codes
+        if bad:
+            warnings.warn(
+                f"{bad} entries of the feature cache {str(self.path)!r} failed their integrity "
+                "check (damaged or incomplete); they are ignored and recomputed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return found
+
+    def store(
+        self,
+        config: str,
+        keys: Sequence[bytes],
+        codes: np.ndarray,
+        description: dict | None = None,
+        conn: sqlite3.Connection | None = None,
+    ) -> None:
+        """Store one row of ``codes`` per key, in one transaction.
+
+        Parameters
+        ----------
+        config : str
+            The computation's key.
+        keys : sequence of bytes
+            Image keys, one per row of ``codes``.
+        codes : ndarray of shape (len(keys), n_features)
+        description : dict, optional
+            What ``config`` means (shown by :meth:`info`).
+        conn : sqlite3.Connection, optional
+            An open connection (internal); by default one is opened.
+        """
+        codes = np.asarray(codes, dtype="<f4")
+        if codes.ndim != 2 or len(codes) != len(keys):
+            raise ValueError(
+                f"codes of shape {codes.shape} do not match {len(keys)} keys; expected "
+                "(n_keys, n_features)"
+            )
+        if conn is None:
+            with self._connect() as conn:
+                return self.store(config, keys, codes, description, conn)
+        n_features = int(codes.shape[1])
+        rows = []
+        for key, row in zip(keys, codes, strict=True):
+            key = bytes(key)
+            data = np.ascontiguousarray(row).tobytes()
+            rows.append((config, key, n_features, _checksum(key, n_features, data), data))
+        # IMMEDIATE takes the write lock up front, so two writers queue on the busy
+        # timeout instead of one failing when it upgrades a read lock
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "INSERT OR IGNORE INTO computations VALUES (?, ?, ?, ?)",
+                (config, json.dumps(description or {}, sort_keys=True), n_features, time.time()),
+            )
+            self._insert(conn, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+        # REPLACE: a row that failed its checksum is overwritten by the recomputed one;
+        # two processes writing the same image write the same codes
+        conn.executemany("INSERT OR REPLACE INTO codes VALUES (?, ?, ?, ?, ?)", rows)
+
+    # ------------------------------------------------------------ housekeeping
+
+    def info(self) -> CacheInfo:
+        """How many entries and bytes the cache holds, per computation.
+
+        Returns
+        -------
+        CacheInfo
+        """
+        if not self.path.exists():  # looking does not create anything
+            return CacheInfo(path=str(self.path), entries=0, nbytes=0, disk_bytes=0)
+        with self._connect() as conn:
+            per = conn.execute(
+                "SELECT config, COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM codes "
+                "GROUP BY config"
+            ).fetchall()
+            described = dict(conn.execute("SELECT config, description FROM computations"))
+        computations = []
+        for config, entries, nbytes in per:
+            desc = json.loads(described.get(config) or "{}")
+            computations.append({
+                "config": config,
+                "backbone": desc.get("backbone", "?"),
+                "stage_names": desc.get("stage_names", "?"),
+                "pooling": desc.get("pooling", "?"),
+                "relu": desc.get("relu", "?"),
+                "precision": desc.get("precision", "?"),
+                "description": desc,
+                "entries": int(entries),
+                "nbytes": int(nbytes),
+            })
+        disk = sum(
+            p.stat().st_size
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
+            if p.exists()
+        )
+        return CacheInfo(
+            path=str(self.path),
+            entries=sum(c["entries"] for c in computations),
+            nbytes=sum(c["nbytes"] for c in computations),
+            disk_bytes=disk,
+            computations=computations,
+        )
+
+    def clear(self) -> int:
+        """Delete every entry and give the space back to the file system.
+
+        Safe while other processes use the cache: they wait for the lock and
+        then find no entries (and recompute).
+
+        Returns
+        -------
+        int
+            The number of entries deleted.
+        """
+        if not self.path.exists():
+            return 0
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0]
+                conn.execute("DELETE FROM codes")
+                conn.execute("DELETE FROM computations")
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            # shrinking is best effort: VACUUM cannot run while another process reads
+            with contextlib.suppress(sqlite3.OperationalError):
+                conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return int(n)
+
+
+def as_feature_cache(memory: Any) -> FeatureCache | None:
+    """``memory`` parameter -> :class:`FeatureCache` (or ``None``), with a clear error."""
+    if memory is None or isinstance(memory, FeatureCache):
+        return memory
+    if isinstance(memory, (str, os.PathLike)):
+        return FeatureCache(memory)
+    raise TypeError(
+        f"memory={memory!r} must be None, a directory path (str or pathlib.Path) or a "
+        "sklearn_transfer.FeatureCache"
+    )
