@@ -45,7 +45,7 @@ def main() -> None:
                         default=str(ROOT.parent / "shared/data/cats_and_dogs_filtered/val"))
     parser.add_argument("-n", type=int, default=320, help="images (taken evenly from classes)")
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16, help="the transformer default")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (b)")
     parser.add_argument("--repeat", type=int, default=2, help="interleaved rounds (best kept)")
     parser.add_argument("--json", help="also write the figures to this JSON file")

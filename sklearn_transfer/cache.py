@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: Bumped whenever sklearn_transfer changes how codes are computed, so old rows go unused.
-CODES_VERSION = 1
+CODES_VERSION = 2
 #: Layout of the database (stored as SQLite's ``user_version``).
 CACHE_FORMAT = 1
 DB_NAME = "sklearn_transfer_codes.sqlite3"

@@ -26,6 +26,7 @@ import copy
 import fnmatch
 import inspect
 import numbers
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -52,13 +53,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sklearn_transfer.backbones import Backbone, DataConfig, get_backbone
+from sklearn_transfer.checkpoint import FitCheckpoint
 from sklearn_transfer.images import (
     ImageDataset,
     as_image_source,
     collate_images,
     iterate_batches,
 )
-from sklearn_transfer.runtime import Runtime, resolve_device, seed_everything, seed_worker
+from sklearn_transfer.runtime import (
+    Runtime,
+    actionable_oom,
+    resolve_device,
+    seed_everything,
+    seed_worker,
+)
 
 __all__ = ["FineTuneModule", "FineTunedClassifier", "resolve_freeze_depth"]
 
@@ -329,6 +337,28 @@ class FineTunedClassifier(NeuralNetClassifier):
         Seeds the head, the validation split, shuffling and augmentation; two
         CPU fits with the same value predict identically. The caller's global
         random states are restored afterwards.
+    checkpoint_dir : str, path-like or None, default=None
+        Makes ``fit`` survive a crash. At the end of every epoch the complete
+        training state (module, optimizer, history, learning-rate schedule,
+        early-stopping state and best weights, and the random states of
+        Python, NumPy and torch) is written to one file in this directory,
+        atomically (a temporary file renamed over the previous checkpoint).
+        A later ``fit`` *of the same run* (same parameters, apart from
+        ``verbose`` and ``checkpoint_dir``, and the same ``X`` and ``y``)
+        finds it and resumes after the last completed epoch; on the CPU it
+        ends with exactly the weights and predictions of an uninterrupted
+        fit. The file is named after a SHA-256 of parameters and data, so
+        different runs (the folds and candidates of a grid search) can share
+        the directory without resuming each other's. It is deleted when
+        ``fit`` completes, and kept when it is interrupted (an exception,
+        ``KeyboardInterrupt``, a killed process). Checkpoints are read with
+        ``torch.load(weights_only=True)``: a file holding pickled objects is
+        refused. Files are identified by path, size and modification time.
+        Only ``fit`` from scratch checkpoints; ``partial_fit`` and
+        ``warm_start`` continuations do not. With ``num_workers > 0`` the
+        training workers are restarted every epoch (``persistent_workers``
+        defaults to False) so that their random streams can be replayed.
+        Custom callbacks' own state is not saved.
     device : str, default="auto"
         ``"auto"``: CUDA if present (float16 autocast with a gradient scaler,
         pinned memory), else the CPU. The network runs ``channels_last``.
@@ -378,6 +408,14 @@ use_caching, torch_load_kwargs
     with its own ``CUDA_VISIBLE_DEVICES=i``, or run a Dask/Ray joblib
     backend whose workers each see one GPU.
 
+    Notes
+    -----
+    Fitted estimators pickle (and ``joblib.dump``); loading a pickle can run
+    arbitrary code, so load such files only from sources you trust. To share
+    a model, use :func:`sklearn_transfer.persistence.dump` / ``load`` (skops
+    and safetensors, no pickle). A CUDA out-of-memory error in a training or
+    prediction step is re-raised naming the batch-size parameter to lower.
+
     Examples
     --------
     >>> import numpy as np
@@ -395,6 +433,15 @@ use_caching, torch_load_kwargs
     array(['cat', 'dog'], dtype='<U3')
     >>> clf.predict(X[:3]).shape, clf.predict_proba(X[:3]).sum(axis=1).round(5)
     ((3,), array([1., 1., 1.], dtype=float32))
+
+    With ``checkpoint_dir``, a fit killed half-way is finished by running it again:
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     resumable = FineTunedClassifier(net, freeze_depth=1, max_epochs=2, random_state=0,
+    ...                                     verbose=0, checkpoint_dir=tmp).fit(X, y)
+    >>> bool((resumable.predict_proba(X) == clf.predict_proba(X)).all())
+    True
     """
 
     def __init__(
@@ -427,6 +474,7 @@ use_caching, torch_load_kwargs
         compile: bool = False,
         use_caching: bool | str = "auto",
         torch_load_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         self.backbone = backbone
@@ -440,6 +488,7 @@ use_caching, torch_load_kwargs
         self.augment = augment
         self.class_weight = class_weight
         self.random_state = random_state
+        self.checkpoint_dir = checkpoint_dir
         super().__init__(
             FineTuneModule,
             criterion=criterion,
@@ -625,12 +674,56 @@ use_caching, torch_load_kwargs
         self
         """
         self._check_hyperparameters()
+        run = None
         with _seeded(self.random_state):
             if not self.warm_start or not self.initialized_:
                 self._set_targets(y, self.classes)
+                if self.checkpoint_dir is not None:
+                    # before initialize(): a resumed fit rewinds the RNGs to where the
+                    # interrupted one started, so the head and validation split match
+                    run = FitCheckpoint.open(self.checkpoint_dir, self, as_image_source(X),
+                                             self._check_y(y))
                 self.initialize()
-            self._partial_fit(X, y, _routing_method="fit", **fit_params)
+            self._checkpoint_run = run
+            try:
+                self._partial_fit(X, y, _routing_method="fit", **fit_params)
+            finally:
+                self.__dict__.pop("_checkpoint_run", None)
+        if run is not None and self._training_completed(run):
+            run.remove()
         return self
+
+    def _training_completed(self, run: FitCheckpoint) -> bool:
+        """All epochs ran, or early stopping ended the fit (not a user's Ctrl-C)."""
+        if len(self.history) >= self.max_epochs:
+            return True
+        return any(isinstance(cb, EarlyStopping) and cb.misses_ >= cb.patience
+                   for _, cb in self.callbacks_)
+
+    def fit_loop(self, X: Any, y: Any = None, epochs: int | None = None,
+                 **fit_params: Any) -> FineTunedClassifier:
+        if epochs is None and self.__dict__.get("_checkpoint_run") is not None:
+            # a resumed fit runs the epochs the interrupted one did not complete
+            epochs = max(self.max_epochs - len(self.history), 0)
+        return super().fit_loop(X, y, epochs=epochs, **fit_params)
+
+    def notify(self, method_name: str, **cb_kwargs: Any) -> None:
+        run = self.__dict__.get("_checkpoint_run")
+        if run is None:
+            super().notify(method_name, **cb_kwargs)
+            return
+        if method_name == "on_train_begin":
+            # the history first: LRScheduler and scoring callbacks rebuild from it
+            run.load_before_callbacks(self)
+        super().notify(method_name, **cb_kwargs)
+        if method_name == "on_train_begin":
+            run.load_after_callbacks(self)
+        elif method_name == "on_epoch_begin":
+            run.on_epoch_begin()
+        elif method_name == "on_epoch_end":
+            # after every callback has recorded its epoch (early stopping's raise skips this:
+            # the resumed fit repeats that epoch and stops again, identically)
+            run.save(self)
 
     def partial_fit(self, X: Any, y: Any = None, classes: Any = None,
                     **fit_params: Any) -> FineTunedClassifier:
@@ -804,8 +897,11 @@ use_caching, torch_load_kwargs
                 kwargs.setdefault("shuffle", True)
             if kwargs.get("num_workers", 0) > 0:
                 kwargs.setdefault("worker_init_fn", seed_worker)
-                # the training loader is iterated once per epoch: keep its workers
-                kwargs.setdefault("persistent_workers", training)
+                # the training loader is iterated once per epoch: keep its workers, unless
+                # checkpointing: fresh workers seeded from the main RNG each epoch are what
+                # a resumed fit can replay
+                checkpointing = self.__dict__.get("_checkpoint_run") is not None
+                kwargs.setdefault("persistent_workers", training and not checkpointing)
         return _CheckedLoader(iterator(dataset, **kwargs))
 
     # ----------------------------------------------------- training steps
@@ -821,7 +917,32 @@ use_caching, torch_load_kwargs
             out = self.module_(x, **fit_params)
         return out.float()
 
+    def _batch_size_param(self, prefix: str) -> tuple[int, str]:
+        """The batch size a loader uses, and the parameter that sets it."""
+        routed = self.get_params_for(prefix)
+        if "batch_size" in routed:
+            return routed["batch_size"], f"{prefix}__batch_size"
+        return self.batch_size, "batch_size"
+
+    def _oom_hint(self, training: bool) -> Any:
+        size, name = self._batch_size_param("iterator_train" if training else "iterator_valid")
+        advice = ", or freeze more stages (freeze_depth)" if training else ""
+        return actionable_oom(size, name, advice)
+
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
+        """One optimisation step; a CUDA out-of-memory error names ``batch_size``."""
+        with self._oom_hint(training=True):
+            return self._train_step(batch, **fit_params)
+
+    def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
+        with self._oom_hint(training=False):
+            return super().validation_step(batch, **fit_params)
+
+    def evaluation_step(self, batch: Any, training: bool = False) -> torch.Tensor:
+        with self._oom_hint(training=False):
+            return super().evaluation_step(batch, training=training)
+
+    def _train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
         """skorch's step on the CPU; on CUDA with float16 autocast, a gradient scaler."""
         runtime = self._runtime()
         if runtime.amp_dtype != torch.float16:

@@ -398,10 +398,20 @@ def iterate_batches(loader: Any, prefetch: int = 0):
     without the cost of worker processes.
     """
     batches = _prefetched(loader, prefetch) if prefetch > 0 else iter(loader)
-    for batch in batches:
-        if isinstance(batch, LoadFailure):
-            raise batch.error
-        yield batch
+    finished = False
+    try:
+        for batch in batches:
+            if isinstance(batch, LoadFailure):
+                raise batch.error
+            yield batch
+        finished = True
+    finally:
+        # Left mid-epoch (an error, a break): stop worker processes now. Left to the
+        # garbage collector, torch's iterator waits seconds for workers busy on
+        # batches nobody will read.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if not finished and shutdown is not None:
+            shutdown()
 
 
 def _prefetched(iterable: Any, depth: int):

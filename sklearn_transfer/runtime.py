@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["Runtime", "resolve_device", "seed_everything", "seed_worker"]
+__all__ = ["Runtime", "actionable_oom", "resolve_device", "seed_everything", "seed_worker"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -132,3 +133,50 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)  # noqa: NPY002
     random.seed(seed)
+
+
+@contextlib.contextmanager
+def actionable_oom(batch_size: int, parameter: str = "batch_size",
+                   advice: str = "") -> Iterator[None]:
+    """Turn a CUDA out-of-memory error in the block into one that says what to change.
+
+    The error stays a ``torch.cuda.OutOfMemoryError`` (code catching it keeps
+    working), with the original chained, and the CUDA cache is emptied so the
+    process can go on with a smaller batch.
+
+    Parameters
+    ----------
+    batch_size : int
+        The batch size in use.
+    parameter : str
+        The parameter that sets it, named in the message.
+    advice : str
+        Further advice appended to the message.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_transfer.runtime import actionable_oom
+    >>> try:
+    ...     with actionable_oom(64):
+    ...         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    ... except torch.cuda.OutOfMemoryError as exc:
+    ...     print(str(exc)[:72])
+    the GPU ran out of memory on a batch of 64 images (batch_size=64): lower
+    """
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        if getattr(exc, "actionable", False):  # already explained by an inner block
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        smaller = max(int(batch_size) // 2, 1) if int(batch_size) > 1 else 1
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        error = torch.cuda.OutOfMemoryError(
+            f"the GPU ran out of memory on a batch of {batch_size} images "
+            f"({parameter}={batch_size}): lower {parameter} (e.g. {parameter}={smaller}){advice}. "
+            f"CUDA said: {detail}"
+        )
+        error.actionable = True
+        raise error from exc

@@ -200,12 +200,10 @@ def test_augmentation_for_training_plain_transform_for_validation():
     train, valid = clf.get_split_datasets(X, clf.label_encoder_.transform(y))
     names = [type(t).__name__ for t in train.dataset.transform.transforms]
     assert names == ["RandomAffine", "RandomResizedCrop", "RandomHorizontalFlip"]
-    assert [type(t).__name__ for t in valid.dataset.transform.transforms] == [
-        "Resize", "CenterCrop"]
+    assert type(valid.dataset.transform).__name__ == "ResizeCenterCrop"
     plain = tiny(max_epochs=1, augment=False).fit(X, y)
     train, _ = plain.get_split_datasets(X, plain.label_encoder_.transform(y))
-    assert [type(t).__name__ for t in train.dataset.transform.transforms] == [
-        "Resize", "CenterCrop"]
+    assert type(train.dataset.transform).__name__ == "ResizeCenterCrop"
     with pytest.raises(ValueError, match="augment=.*unknown option.*'shear'"):
         tiny(augment={"shear": 3}).fit(X, y)
 
@@ -257,7 +255,10 @@ def test_a_bad_file_in_a_worker_is_raised_naming_it(tmp_path):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(arr).save(paths[-1])
     (tmp_path / "3.png").write_bytes(b"not a png")
-    clf = tiny(max_epochs=1, train_split=None, iterator_train__num_workers=1)
+    # (persistent workers, the default with num_workers > 0, raise the same error
+    # but torch then waits ~5 s for the busy worker to shut down)
+    clf = tiny(max_epochs=1, train_split=None, iterator_train__num_workers=1,
+               iterator_train__persistent_workers=False)
     with pytest.raises(ImageLoadError, match="3.png"):
         clf.fit(paths, y)
     paths[5] = tmp_path / "missing.png"

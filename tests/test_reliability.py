@@ -9,9 +9,10 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from sklearn_transfer import CNNFeatureTransformer
+from sklearn_transfer import Backbone, CNNFeatureTransformer, FineTunedClassifier
 
 from .conftest import REPO, make_tiny_backbone
 
@@ -106,3 +107,57 @@ def test_transform_is_deterministic():
     a = tiny().fit().transform(X)
     b = tiny().fit().transform(X)
     np.testing.assert_array_equal(a, b)
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """Raises CUDA's out-of-memory error on batches larger than ``limit``, as a GPU would."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 4.00 GiB total)")
+        return x
+
+
+def greedy_backbone(limit: int = 2) -> Backbone:
+    net = make_tiny_backbone()
+    net.stages[1].append(OutOfMemoryAbove(limit))
+    return net
+
+
+def test_gpu_out_of_memory_names_batch_size():
+    X = np.random.RandomState(0).randint(0, 256, (6, 40, 40, 3), dtype=np.uint8)
+    tf = CNNFeatureTransformer(greedy_backbone(), batch_size=4, progress=False).fit()
+    with pytest.raises(torch.cuda.OutOfMemoryError,
+                       match=r"batch of 4 images \(batch_size=4\): lower batch_size "
+                             r"\(e\.g\. batch_size=2\).*Tried to allocate 2\.00 GiB") as info:
+        tf.transform(X)
+    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+    # the advice works: a batch that fits
+    assert tf.set_params(batch_size=2).transform(X).shape == (6, 24)
+
+
+def test_gpu_out_of_memory_while_fine_tuning_names_batch_size():
+    X = np.random.RandomState(0).randint(0, 256, (8, 40, 40, 3), dtype=np.uint8)
+    y = np.array([0, 1] * 4)
+    params = dict(freeze_depth=1, max_epochs=1, train_split=None, verbose=0, random_state=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError,
+                       match=r"batch of 4 images \(batch_size=4\): lower batch_size.*"
+                             r"or freeze more stages"):
+        FineTunedClassifier(greedy_backbone(), batch_size=4, **params).fit(X, y)
+    with pytest.raises(torch.cuda.OutOfMemoryError,
+                       match=r"\(iterator_train__batch_size=3\): lower "
+                             r"iterator_train__batch_size \(e\.g\. iterator_train__batch_size=1\)"):
+        FineTunedClassifier(greedy_backbone(), batch_size=2, iterator_train__batch_size=3,
+                            **params).fit(X, y)
+    # the advice works for training; prediction with larger batches names their parameter
+    clf = FineTunedClassifier(greedy_backbone(), batch_size=2, iterator_valid__batch_size=5,
+                              **params).fit(X, y)
+    with pytest.raises(torch.cuda.OutOfMemoryError,
+                       match=r"batch of 5 images \(iterator_valid__batch_size=5\)"):
+        clf.predict(X)
+    assert clf.predict(X[:2]).shape == (2,)

@@ -1,0 +1,279 @@
+"""Training survives a crash (checkpoint_dir), and random_state makes fits reproducible."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+
+import sklearn_transfer.checkpoint as checkpoint_module
+from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
+
+from .conftest import REPO, colour_images, make_tiny_backbone
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: fast for tiny networks, and the same reduction order as the
+    subprocesses, so that results can be compared bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**params) -> FineTunedClassifier:
+    # augmentation, dropout, a cosine schedule and early stopping's best weights are all
+    # on: each is state a resumed fit must restore
+    defaults = dict(backbone=make_tiny_backbone(), freeze_depth=1, max_epochs=4, batch_size=8,
+                    lr=1e-2, patience=None, random_state=0, verbose=0)
+    return FineTunedClassifier(**{**defaults, **params})
+
+
+def data(n: int = 24):
+    return colour_images(n, size=40), np.array(["red", "green"] * (n // 2))
+
+
+def checkpoints(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# ------------------------------------------------------------------ crash and resume
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from sklearn_transfer import FineTunedClassifier
+    from tests.conftest import colour_images, make_tiny_backbone
+
+    checkpoint_dir, out, pause_marker = sys.argv[1], sys.argv[2], sys.argv[3]
+    epochs_seen = []
+    original = FineTunedClassifier._train_step
+
+    def train_step(self, batch, **kwargs):
+        # not a parameter: the killed and the resumed process are the same run
+        epochs_seen.append(len(self.history))
+        result = original(self, batch, **kwargs)
+        if pause_marker != "-" and len(self.history) == 3:
+            open(pause_marker, "w").close()  # mid-epoch 3: epochs 1 and 2 are saved
+            time.sleep(300)
+        return result
+
+    FineTunedClassifier._train_step = train_step
+    X = colour_images(24, size=40)
+    y = np.array(["red", "green"] * 12)
+    clf = FineTunedClassifier(make_tiny_backbone(), freeze_depth=1, max_epochs=4,
+                              batch_size=8, lr=1e-2, patience=None, random_state=0,
+                              verbose=0, checkpoint_dir=checkpoint_dir).fit(X, y)
+    np.save(out + ".npy", clf.predict_proba(X))
+    torch.save(clf.module_.state_dict(), out + ".pt")
+    print(json.dumps({"epochs_trained": sorted(set(epochs_seen)),
+                      "valid_loss": clf.history[:, "valid_loss"]}))
+""")
+
+
+def test_a_fit_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    X, y = data()
+    reference = tiny().fit(X, y)  # uninterrupted, in this process, without checkpoints
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    ckpt = tmp_path / "ckpt"
+    marker = tmp_path / "mid-epoch-3"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(script), str(ckpt), str(tmp_path / "out")]
+
+    killed = subprocess.Popen([*cmd, str(marker)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert killed.poll() is None, killed.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "the first fit never reached epoch 3"
+        time.sleep(0.05)
+    saved = checkpoints(ckpt)
+    assert len(saved) == 1 and saved[0].startswith("fit-"), saved
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=30)
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoints(ckpt) == saved  # no temporary file left half-written
+
+    resumed = subprocess.run([*cmd, "-"], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert report["epochs_trained"] == [3, 4]  # epochs 1-2 came from the checkpoint
+    assert report["valid_loss"] == reference.history[:, "valid_loss"]
+    proba = np.load(tmp_path / "out.npy")
+    np.testing.assert_array_equal(proba, reference.predict_proba(X))
+    weights = torch.load(tmp_path / "out.pt", weights_only=True)
+    expected = reference.module_.state_dict()
+    assert weights.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(weights[key], value), key
+    assert checkpoints(ckpt) == []  # a completed fit removes its checkpoint
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_in_epoch(monkeypatch, epoch: int) -> None:
+    original = FineTunedClassifier._train_step
+
+    def train_step(self, batch, **kwargs):
+        if len(self.history) == epoch:
+            raise Crash(f"crash in epoch {epoch}")
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(FineTunedClassifier, "_train_step", train_step)
+
+
+def test_resume_is_exact_with_dataloader_workers_and_early_stopping(tmp_path, monkeypatch):
+    X, y = data()
+    y = np.random.RandomState(1).permutation(y)  # shuffled labels: validation loss wobbles
+    params = dict(iterator_train__num_workers=1, patience=2, max_epochs=8, lr=0.05)
+    reference = tiny(checkpoint_dir=tmp_path / "ref", **params).fit(X, y)
+    n_epochs = len(reference.history)
+    best = reference.history[:, "valid_loss_best"]
+    # stopped early, after two epochs without improvement
+    assert n_epochs < 8 and best[-2:] == [False, False] and best[-3], best
+    # the crash hits the stopping epoch: the best weights (two epochs back) and the count
+    # of epochs without improvement (1) can only come from the checkpoint
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, n_epochs)
+        with pytest.raises(Crash):
+            tiny(checkpoint_dir=tmp_path / "run", **params).fit(X, y)
+    assert len(checkpoints(tmp_path / "run")) == 1  # kept after a failed fit
+    resumed = tiny(checkpoint_dir=tmp_path / "run", **params).fit(X, y)
+    assert resumed.history[:, "valid_loss"] == reference.history[:, "valid_loss"]
+    np.testing.assert_array_equal(resumed.predict_proba(X), reference.predict_proba(X))
+    assert checkpoints(tmp_path / "run") == [] and checkpoints(tmp_path / "ref") == []
+
+
+def test_another_run_does_not_resume_and_grid_searches_can_share_the_directory(
+        tmp_path, monkeypatch):
+    X, y = data()
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, 3)
+        with pytest.raises(Crash):
+            tiny(checkpoint_dir=tmp_path).fit(X, y)
+    first = checkpoints(tmp_path)
+    # another learning rate, or other data, is another run: trained from the start
+    other = tiny(checkpoint_dir=tmp_path, lr=0.02).fit(X, y)
+    np.testing.assert_array_equal(other.predict_proba(X),
+                                  tiny(lr=0.02).fit(X, y).predict_proba(X))
+    X2 = X.copy()
+    X2[0, 0, 0] ^= 1
+    assert len(tiny(checkpoint_dir=tmp_path).fit(X2, y).history) == 4
+    assert checkpoints(tmp_path) == first  # the interrupted run's file is untouched
+    search = GridSearchCV(tiny(checkpoint_dir=tmp_path, max_epochs=2),
+                          {"lr": [0.01, 0.03]}, cv=2).fit(X, y)
+    plain = GridSearchCV(tiny(max_epochs=2), {"lr": [0.01, 0.03]}, cv=2).fit(X, y)
+    np.testing.assert_array_equal(search.cv_results_["mean_test_score"],
+                                  plain.cv_results_["mean_test_score"])
+    assert checkpoints(tmp_path) == first
+    assert clone(tiny(checkpoint_dir=tmp_path)).checkpoint_dir == tmp_path
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path, monkeypatch):
+    X, y = data()
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, 2)
+        with pytest.raises(Crash):
+            tiny(checkpoint_dir=tmp_path).fit(X, y)
+    (name,) = checkpoints(tmp_path)
+    state = torch.load(tmp_path / name, weights_only=True)
+    state["history"] = RunsCode()
+    torch.save(state, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="pickled Python objects, which are refused"):
+        tiny(checkpoint_dir=tmp_path).fit(X, y)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / name).write_bytes(pickle.dumps({"format": "something"}))
+    with pytest.raises(ValueError, match="pickled Python objects|not a sklearn_transfer"):
+        tiny(checkpoint_dir=tmp_path).fit(X, y)
+
+
+def test_a_write_interrupted_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    X, y = data()
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, 3)
+        with pytest.raises(Crash):
+            tiny(checkpoint_dir=tmp_path).fit(X, y)
+    (name,) = checkpoints(tmp_path)
+    before = (tmp_path / name).read_bytes()
+    real_save = torch.save
+
+    def save_half_then_die(obj, fh):
+        real_save(obj, fh)
+        fh.truncate(100)  # the disk filled up, the process was killed ...
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_half_then_die)
+    with pytest.raises(OSError, match="No space"):
+        tiny(checkpoint_dir=tmp_path).fit(X, y)  # resumes, fails saving epoch 3
+    assert checkpoints(tmp_path) == [name]  # no temporary file left behind
+    assert (tmp_path / name).read_bytes() == before
+    monkeypatch.undo()
+    resumed = tiny(checkpoint_dir=tmp_path).fit(X, y)
+    np.testing.assert_array_equal(resumed.predict_proba(X), tiny().fit(X, y).predict_proba(X))
+
+
+def test_bad_checkpoint_dir_is_named(tmp_path):
+    X, y = data()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="checkpoint_dir=.*file.*cannot be created"):
+        tiny(checkpoint_dir=tmp_path / "file" / "sub").fit(X, y)
+
+
+# -------------------------------------------------------------------- reproducibility
+
+
+def test_grid_search_with_random_state_is_reproducible():
+    X, y = data(32)
+    grid = {"lr": [0.003, 0.03], "freeze_depth": [1, 2]}
+
+    def search():
+        return GridSearchCV(tiny(max_epochs=2), grid, cv=2).fit(X, y)
+
+    a, b = search(), search()
+    assert a.best_params_ == b.best_params_
+    for key in ("split0_test_score", "split1_test_score", "mean_test_score"):
+        np.testing.assert_array_equal(a.cv_results_[key], b.cv_results_[key])
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_dataloader_workers_are_seeded(persistent):
+    X, y = data()
+    params = dict(max_epochs=2, iterator_train__num_workers=2,
+                  iterator_train__persistent_workers=persistent)
+    a = tiny(**params).fit(X, y)
+    b = tiny(**params).fit(X, y)
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    assert a.history[:, "train_loss"] == b.history[:, "train_loss"]
+
+
+def test_feature_transformer_is_reproducible_with_workers():
+    X = colour_images(12, size=40, seed=3)
+    codes = [CNNFeatureTransformer(make_tiny_backbone(), num_workers=w, progress=False)
+             .fit().transform(X) for w in (0, 2, 2)]
+    np.testing.assert_array_equal(codes[0], codes[1])
+    np.testing.assert_array_equal(codes[1], codes[2])
