@@ -34,7 +34,12 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 import sklearn_transfer
-from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier, load_image_folder
+from sklearn_transfer import (
+    CNNFeatureTransformer,
+    FeatureCache,
+    FineTunedClassifier,
+    load_image_folder,
+)
 from sklearn_transfer.backbones import Backbone, DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +97,7 @@ def find_datasets(data: Path | None, quick: bool, names: list[str] | None) -> li
                 note = ("32 px images upscaled to the backbone's input size; 10,000 training "
                         "images, not the 50,000 of the published figures")
             found.append(Dataset(folder.name, X_tr, y_tr, X_va, y_va, note))
+    found.sort(key=lambda d: len(d.y_train))  # smallest first: early results come fast
     if not found:
         found.append(digits())
     if quick:
@@ -147,15 +153,39 @@ class Plan:
     c_logreg: list[float]
     c_svc: list[float]
     batch_size: int = 32
+    max_val: int | None = None  # score on this many val images (stratified), or all
 
 
 def plan_for(d: Dataset, quick: bool) -> Plan:
+    """Budgets that keep the full four-dataset run within an hour on a 2-core CPU.
+
+    Fine-tuning trains at ~15-25 images/s here, so the freeze-depth grid (9 fits)
+    runs only on the smallest sets, and the 10,000-image set gets one epoch and a
+    2,000-image validation subset.
+    """
     n = len(d.y_train)
     if quick:
         return Plan(epochs=1, freeze_grid=None, cv=2, c_logreg=[1.0], c_svc=[0.1], batch_size=16)
-    grid = [-2, -3, -5] if n <= 1000 else None  # a freeze-depth grid only where it is cheap
-    return Plan(epochs=5 if n <= 3000 else 2, freeze_grid=grid, cv=3 if n > 1000 else 5,
-                c_logreg=[0.01, 0.1, 1.0, 10.0], c_svc=[0.001, 0.01, 0.1, 1.0])
+    c_svc = [0.001, 0.01, 0.1, 1.0]
+    if n <= 300:
+        return Plan(epochs=5, freeze_grid=[-2, -3, -5], cv=5,
+                    c_logreg=[0.01, 0.1, 1.0, 10.0], c_svc=c_svc)
+    if n <= 3000:
+        return Plan(epochs=5, freeze_grid=None, cv=5 if n <= 1000 else 3,
+                    c_logreg=[0.01, 0.1, 1.0, 10.0], c_svc=c_svc)
+    return Plan(epochs=1, freeze_grid=None, cv=3, c_logreg=[0.01, 0.1, 1.0], c_svc=c_svc,
+                max_val=2000)
+
+
+def cap_val(d: Dataset, max_val: int | None) -> Dataset:
+    """The first ``max_val / n_classes`` val images of each class (deterministic)."""
+    if max_val is None or len(d.y_val) <= max_val:
+        return d
+    per_class = max_val // len(np.unique(d.y_val))
+    take = np.concatenate([np.flatnonzero(d.y_val == c)[:per_class] for c in np.unique(d.y_val)])
+    note = f"scored on {len(take)} of the {len(d.y_val)} val images ({per_class} per class)"
+    return Dataset(d.name, d.X_train, d.y_train, d.X_val[take], d.y_val[take],
+                   (d.note + "; " if d.note else "") + note)
 
 
 def build(strategy: str, backbone: str, plan: Plan, cache: Path, verbose: int):
@@ -196,9 +226,13 @@ def evaluate(d: Dataset, strategy: str, backbone: str, plan: Plan, cache: Path,
     t0 = time.perf_counter()
     est.fit(d.X_train, d.y_train)
     fit_s = time.perf_counter() - t0
+    entries = FeatureCache(cache).info().entries if strategy.startswith("codes_") else None
     t0 = time.perf_counter()
     pred = est.predict(d.X_val)
     predict_s = time.perf_counter() - t0
+    if entries is not None:
+        # the second codes strategy finds the val codes cached by the first
+        settings["predict_codes_from_cache"] = FeatureCache(cache).info().entries == entries
     result = Result(
         dataset=d.name, strategy=strategy,
         backbone="scratch_cnn" if strategy == "scratch_cnn" else backbone,
@@ -236,7 +270,8 @@ def write_report(results: list[Result], meta: dict[str, Any], out: Path) -> str:
     lines = [
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}; seed {SEED}; "
-        f"total {meta['total_s'] / 60:.1f} min",
+        f"total {meta['total_s'] / 60:.1f} min"
+        + ("" if meta.get("finished", True) else " so far (run still going or stopped)"),
         "",
         "| dataset | strategy | backbone | val accuracy | macro F1 | fit s | predict img/s |"
         " settings |",
@@ -247,8 +282,13 @@ def write_report(results: list[Result], meta: dict[str, Any], out: Path) -> str:
                                                 if k in r.settings})
         lines.append(f"| {r.dataset} (n={r.n_train}/{r.n_val}) | {r.strategy} | {r.backbone} | "
                      f"{r.accuracy:.4f} | {r.f1_macro:.4f} | {r.fit_s:.0f} | "
-                     f"{r.predict_images_per_s:.1f} | {json.dumps(chosen)} |")
+                     f"{r.predict_images_per_s:.1f}"
+                     f"{' (cached)' if r.settings.get('predict_codes_from_cache') else ''} | "
+                     f"{json.dumps(chosen)} |")
     notes = [f"- {name}: {note}" for name, note in meta["notes"].items() if note]
+    if any(r.settings.get("predict_codes_from_cache") for r in results):
+        notes.append("- predict img/s marked (cached): the val codes were already in the "
+                     "feature cache (computed by the other codes strategy); only the head ran")
     table = "\n".join(lines + ([""] + notes if notes else [])) + "\n"
     (out / "results.md").write_text(table)
     plot(results, out)
@@ -290,6 +330,24 @@ def plot(results: list[Result], out: Path) -> None:
         fig.savefig(out / "learning_curves.png", dpi=100)
         plt.close(fig)
 
+    # several backbones: accuracy against speed, read where the codes were really computed
+    measured = [r for r in results if r.strategy.startswith("codes_")
+                and not r.settings.get("predict_codes_from_cache")]
+    if len({r.backbone for r in measured}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in sorted({r.dataset for r in measured}):
+            rows = [r for r in measured if r.dataset == name]
+            ax.plot([r.predict_images_per_s for r in rows], [r.accuracy for r in rows],
+                    "o", label=name)
+            for r in rows:
+                ax.annotate(r.backbone, (r.predict_images_per_s, r.accuracy), fontsize=7)
+        ax.set_xlabel("CNN codes: images/s (predict, incl. decoding)")
+        ax.set_ylabel("val accuracy")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "backbones.png", dpi=100)
+        plt.close(fig)
+
     grids = [r for r in results if r.strategy == "finetune_partial" and r.grid]
     if grids:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -325,9 +383,13 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
     start = time.perf_counter()
     cache = args.cache or args.out / "cache"
     datasets = find_datasets(args.data, args.quick, args.datasets)
-    results = []
+    command = "python -m benchmarks run " + " ".join(argv if argv is not None else sys.argv[2:])
+    results: list[Result] = []
+    notes: dict[str, str] = {}
     for d in datasets:
         plan = plan_for(d, args.quick)
+        d = cap_val(d, plan.max_val)
+        notes[d.name] = d.note
         for backbone in args.backbones:
             for strategy in args.strategies:
                 if strategy == "scratch_cnn" and backbone != args.backbones[0]:
@@ -336,18 +398,23 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
                 results.append(r)
                 progress(f"{d.name:28s} {strategy:16s} {r.backbone:18s} acc {r.accuracy:.4f} "
                          f"f1 {r.f1_macro:.4f}  fit {r.fit_s:6.0f} s")
-    meta = {
-        "command": "python -m benchmarks run " + " ".join(argv if argv is not None
-                                                          else sys.argv[2:]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
-        "torch": torch.__version__, "sklearn_transfer": sklearn_transfer.__version__,
-        "seed": SEED, "total_s": time.perf_counter() - start,
-        "notes": {d.name: d.note for d in datasets},
-    }
+                # written after every result: a stopped run keeps what it measured
+                write_report(results, _meta(command, start, notes, done=False), args.out)
+    meta = _meta(command, start, notes, done=True)
     table = write_report(results, meta, args.out)
     progress(table)
     return table
+
+
+def _meta(command: str, start: float, notes: dict[str, str], done: bool) -> dict[str, Any]:
+    return {
+        "command": command,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "torch": torch.__version__, "sklearn_transfer": sklearn_transfer.__version__,
+        "seed": SEED, "total_s": time.perf_counter() - start, "finished": done,
+        "notes": notes,
+    }
 
 
 def main() -> None:

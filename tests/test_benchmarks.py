@@ -43,3 +43,17 @@ def test_without_a_data_folder_the_suite_uses_scikit_learns_digits(tmp_path):
     (d,) = find_datasets(tmp_path / "absent", quick=True, names=None)
     assert d.name == "sklearn_digits" and d.X_train.dtype == np.uint8
     assert len(np.unique(d.y_train)) == 10 and len(d.y_train) == 80
+
+
+def test_large_sets_are_scored_on_a_stated_stratified_val_subset():
+    from benchmarks.suite import Dataset, cap_val, plan_for
+
+    y = np.repeat(np.arange(10), 1000)
+    big = Dataset("big", np.arange(12000), np.arange(12000) % 10, np.arange(10000), y)
+    plan = plan_for(big, quick=False)
+    capped = cap_val(big, plan.max_val)
+    assert plan.max_val == 2000 and plan.freeze_grid is None
+    assert len(capped.y_val) == 2000 and np.bincount(capped.y_val).tolist() == [200] * 10
+    assert "2000 of the 10000 val images" in capped.note
+    small = Dataset("small", np.arange(200), np.arange(200) % 2, np.arange(100), y[:100])
+    assert cap_val(small, plan_for(small, quick=False).max_val) is small
