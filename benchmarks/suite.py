@@ -161,7 +161,7 @@ def plan_for(d: Dataset, quick: bool) -> Plan:
     """Budgets that keep the full four-dataset run within an hour on a 2-core CPU.
 
     Fine-tuning trains at ~15-25 images/s here, so the freeze-depth grid (9 fits)
-    runs only on the smallest sets, and the 10,000-image set gets one epoch and a
+    runs only on the smallest sets, and the 10,000-image set gets three epochs and a
     2,000-image validation subset.
     """
     n = len(d.y_train)
@@ -177,7 +177,7 @@ def plan_for(d: Dataset, quick: bool) -> Plan:
     if n <= 3000:
         return Plan(epochs=5, freeze_grid=None, cv=5 if n <= 1000 else 3,
                     c_logreg=[0.01, 0.1, 1.0, 10.0], c_svc=c_svc)
-    return Plan(epochs=1, freeze_grid=None, cv=3, c_logreg=[0.01, 0.1, 1.0], c_svc=c_svc,
+    return Plan(epochs=3, freeze_grid=None, cv=3, c_logreg=[0.01, 0.1, 1.0], c_svc=c_svc,
                 max_val=2000)
 
 
