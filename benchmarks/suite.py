@@ -43,6 +43,7 @@ from sklearn_transfer import (
 from sklearn_transfer.backbones import Backbone, DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 SEED = 0
 DIGITS = "sklearn_digits"
 STRATEGIES = ("scratch_cnn", "codes_logreg", "codes_linearsvc", "finetune_head",
@@ -369,6 +370,17 @@ def plot(results: list[Result], out: Path) -> None:
 # -------------------------------------------------------------------------- main
 
 
+def default_out(data: Path | None, quick: bool) -> Path:
+    """Where a run writes when ``--out`` is not given.
+
+    The main job (digits) and smoke runs never overwrite the full run's report,
+    which README quotes.
+    """
+    if quick:
+        return RESULTS / "quick"
+    return RESULTS if data is not None else RESULTS / "digits"
+
+
 def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = print) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__)
     parser.add_argument("--data", type=Path, default=None,
@@ -378,12 +390,15 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES),
                         choices=STRATEGIES)
     parser.add_argument("--quick", action="store_true", help="a few images per class")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: benchmarks/results for a full run "
+                             "with --data, benchmarks/results/digits or /quick otherwise)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="feature cache folder (default: OUT/cache)")
     parser.add_argument("--verbose", type=int, default=0, help="1 prints skorch epoch tables")
     args = parser.parse_args(argv)
 
+    args.out = args.out or default_out(args.data, args.quick)
     start = time.perf_counter()
     cache = args.cache or args.out / "cache"
     datasets = find_datasets(args.data, args.quick, args.datasets)

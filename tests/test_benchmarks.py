@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.suite import STRATEGIES, find_datasets, run
+from benchmarks.suite import RESULTS, STRATEGIES, default_out, find_datasets, run
 
 from .conftest import colour_images
 
@@ -57,3 +58,10 @@ def test_large_sets_are_scored_on_a_stated_stratified_val_subset():
     assert "2000 of the 10000 val images" in capped.note
     small = Dataset("small", np.arange(200), np.arange(200) % 2, np.arange(100), y[:100])
     assert cap_val(small, plan_for(small, quick=False).max_val) is small
+
+
+def test_main_job_and_smoke_runs_never_overwrite_the_full_report():
+    assert default_out(Path("data"), quick=False) == RESULTS
+    assert default_out(None, quick=False) == RESULTS / "digits"
+    assert default_out(Path("data"), quick=True) == RESULTS / "quick"
+    assert default_out(None, quick=True) == RESULTS / "quick"
