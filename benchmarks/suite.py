@@ -8,7 +8,7 @@ hyper-parameters by cross-validation on ``train``, and is scored once on
 Run::
 
     python -m benchmarks run --data ../shared/data            # the full run
-    python -m benchmarks run --quick                          # a smoke run (~1 min)
+    python -m benchmarks run --quick                          # a smoke run (~30 s)
     python -m benchmarks run                                  # digits, no data needed
 """
 
@@ -99,6 +99,12 @@ def find_datasets(data: Path | None, quick: bool, names: list[str] | None) -> li
                 note = ("32 px images upscaled to the backbone's input size; 10,000 training "
                         "images, not the 50,000 of the published figures")
             found.append(Dataset(folder.name, X_tr, y_tr, X_va, y_va, note))
+    if names and data is not None and data.is_dir():
+        missing = sorted(set(names) - {d.name for d in found})
+        if missing:
+            available = sorted(p.name for p in data.iterdir() if (p / "train").is_dir())
+            raise ValueError(f"--datasets {missing} not found under {data}; "
+                             f"available: {available}")
     found.sort(key=lambda d: len(d.y_train))  # smallest first: early results come fast
     if not found:
         found.append(digits())
@@ -161,7 +167,8 @@ class Plan:
 def plan_for(d: Dataset, quick: bool) -> Plan:
     """Budgets that keep the full four-dataset run within an hour on a 2-core CPU.
 
-    Fine-tuning trains at ~15-25 images/s here, so the freeze-depth grid (9 fits)
+    Fine-tuning trains at ~15-80 images/s here (the more stages frozen, the faster),
+    so the freeze-depth grid (10 fits)
     runs only on the smallest sets, and the 10,000-image set gets three epochs and a
     2,000-image validation subset.
     """
@@ -370,15 +377,18 @@ def plot(results: list[Result], out: Path) -> None:
 # -------------------------------------------------------------------------- main
 
 
-def default_out(data: Path | None, quick: bool) -> Path:
+def default_out(datasets: list[Dataset], quick: bool, subset: bool) -> Path:
     """Where a run writes when ``--out`` is not given.
 
-    The main job (digits) and smoke runs never overwrite the full run's report,
-    which README quotes.
+    Only the full, unfiltered run writes the report README quotes; the main job
+    (digits), smoke runs and runs over a subset of datasets, backbones or
+    strategies write beside it.
     """
     if quick:
         return RESULTS / "quick"
-    return RESULTS if data is not None else RESULTS / "digits"
+    if all(d.name == DIGITS for d in datasets):
+        return RESULTS / "digits"
+    return RESULTS / "partial" if subset else RESULTS
 
 
 def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = print) -> str:
@@ -398,11 +408,14 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
     parser.add_argument("--verbose", type=int, default=0, help="1 prints skorch epoch tables")
     args = parser.parse_args(argv)
 
-    args.out = args.out or default_out(args.data, args.quick)
     start = time.perf_counter()
-    cache = args.cache or args.out / "cache"
     datasets = find_datasets(args.data, args.quick, args.datasets)
-    command = "python -m benchmarks run " + " ".join(argv if argv is not None else sys.argv[2:])
+    subset = bool(args.datasets) or args.backbones != ["efficientnet_lite0"] or (
+        set(args.strategies) != set(STRATEGIES))
+    args.out = args.out or default_out(datasets, args.quick, subset)
+    cache = args.cache or args.out / "cache"
+    command = " ".join(["python -m benchmarks run",
+                        *(argv if argv is not None else sys.argv[2:])])
     results: list[Result] = []
     notes: dict[str, str] = {}
     for d in datasets:

@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -735,26 +736,30 @@ def get_backbone(
         )
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be 'pretrained', None or a path, got {weights!r}")
-    if isinstance(weights, str) and weights == "pretrained":
+    if backbone in _BUILTIN and isinstance(weights, str) and weights == "pretrained":
         return _pretrained(backbone)
     return _build(backbone, weights)
 
 
 # A grid search builds a fresh estimator for every fold and candidate (31 times for 5
-# folds x 6 candidates); rebuilding and re-verifying the weights cost ~0.13 s each. Named
-# pretrained weights are fixed files, so each process builds a network once and hands out
-# deep copies (~20 ms). Building runs under fork_rng: whether it happened in this process
-# already must not change what a seeded caller draws next.
+# folds x 6 candidates); rebuilding and re-verifying the weights cost ~0.13 s each. The
+# built-in offline weights are fixed, checksummed files, so each process builds such a
+# network once and hands out deep copies (~20 ms); downloaded models, possibly large, are
+# not kept. Building runs under fork_rng: whether it happened in this process already
+# must not change what a seeded caller draws next. The lock keeps threads from building
+# twice or interleaving fork_rng's save/restore of the global generator.
 _PRETRAINED: dict[str, Backbone] = {}
+_PRETRAINED_LOCK = threading.Lock()
 
 
 def _pretrained(name: str) -> Backbone:
-    if name not in _PRETRAINED:
-        with torch.random.fork_rng(devices=[]):
-            net = _build(name, "pretrained")
-        net.widths  # noqa: B018 -- probed once here, then copied with the network
-        _PRETRAINED[name] = net
-    return copy.deepcopy(_PRETRAINED[name])
+    with _PRETRAINED_LOCK:
+        if name not in _PRETRAINED:
+            with torch.random.fork_rng(devices=[]):
+                net = _build(name, "pretrained")
+            net.widths  # noqa: B018 -- probed once here, then copied with the network
+            _PRETRAINED[name] = net
+        return copy.deepcopy(_PRETRAINED[name])
 
 
 def _build(backbone: str, weights: WeightsSpec) -> Backbone:

@@ -91,8 +91,14 @@ def test_missing_weight_package_says_what_to_install(monkeypatch):
         get_backbone("efficientnet_lite1")
 
 
-def test_pretrained_backbones_are_built_once_per_process_and_handed_out_as_copies():
+def test_pretrained_backbones_are_built_once_per_process_and_handed_out_as_copies(
+        monkeypatch):
+    monkeypatch.setattr(backbones, "_PRETRAINED", {})  # so the seeded call below builds
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
     first = get_backbone("mobilenet_v2")
+    assert torch.equal(torch.rand(3), expected)  # building must not move the stream
     with torch.no_grad():
         first.stages[0][0][0].weight.add_(1.0)  # a fine-tune changes its own copy only
     torch.manual_seed(0)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from benchmarks.suite import RESULTS, STRATEGIES, default_out, find_datasets, run
+from benchmarks.suite import RESULTS, STRATEGIES, Dataset, default_out, find_datasets, run
 
 from .conftest import colour_images
 
@@ -47,7 +47,7 @@ def test_without_a_data_folder_the_suite_uses_scikit_learns_digits(tmp_path):
 
 
 def test_large_sets_are_scored_on_a_stated_stratified_val_subset():
-    from benchmarks.suite import Dataset, cap_val, plan_for
+    from benchmarks.suite import cap_val, plan_for
 
     y = np.repeat(np.arange(10), 1000)
     big = Dataset("big", np.arange(12000), np.arange(12000) % 10, np.arange(10000), y)
@@ -60,8 +60,15 @@ def test_large_sets_are_scored_on_a_stated_stratified_val_subset():
     assert cap_val(small, plan_for(small, quick=False).max_val) is small
 
 
-def test_main_job_and_smoke_runs_never_overwrite_the_full_report():
-    assert default_out(Path("data"), quick=False) == RESULTS
-    assert default_out(None, quick=False) == RESULTS / "digits"
-    assert default_out(Path("data"), quick=True) == RESULTS / "quick"
-    assert default_out(None, quick=True) == RESULTS / "quick"
+def test_only_the_full_run_writes_the_report_readme_quotes():
+    digits, toy = (Dataset(name, *[np.arange(4)] * 4) for name in ("sklearn_digits", "toy"))
+    assert default_out([toy], quick=False, subset=False) == RESULTS
+    assert default_out([toy], quick=False, subset=True) == RESULTS / "partial"
+    assert default_out([digits], quick=False, subset=False) == RESULTS / "digits"
+    assert default_out([toy], quick=True, subset=False) == RESULTS / "quick"
+
+
+def test_a_misspelt_dataset_name_is_an_error_naming_what_exists(tmp_path):
+    make_folders(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"\['tyo'\] not found .*available: \['toy'\]"):
+        find_datasets(tmp_path / "data", quick=True, names=["tyo"])
