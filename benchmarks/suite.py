@@ -168,9 +168,8 @@ def plan_for(d: Dataset, quick: bool) -> Plan:
     """Budgets that keep the full four-dataset run within an hour on a 2-core CPU.
 
     Fine-tuning trains at ~15-80 images/s here (the more stages frozen, the faster),
-    so the freeze-depth grid (10 fits)
-    runs only on the smallest sets, and the 10,000-image set gets three epochs and a
-    2,000-image validation subset.
+    so the freeze-depth grid (10 fits) runs only on the smallest sets, and the
+    10,000-image set gets three epochs and a 2,000-image validation subset.
     """
     n = len(d.y_train)
     if quick:
@@ -401,8 +400,9 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
                         choices=STRATEGIES)
     parser.add_argument("--quick", action="store_true", help="a few images per class")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: benchmarks/results for a full run "
-                             "with --data, benchmarks/results/digits or /quick otherwise)")
+                        help="results folder (default: benchmarks/results for the full, "
+                             "unfiltered run with --data; /digits, /quick or /partial "
+                             "below it otherwise)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="feature cache folder (default: OUT/cache)")
     parser.add_argument("--verbose", type=int, default=0, help="1 prints skorch epoch tables")
@@ -410,8 +410,8 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
 
     start = time.perf_counter()
     datasets = find_datasets(args.data, args.quick, args.datasets)
-    subset = bool(args.datasets) or args.backbones != ["efficientnet_lite0"] or (
-        set(args.strategies) != set(STRATEGIES))
+    subset = bool(args.datasets) or any(
+        getattr(args, k) != parser.get_default(k) for k in ("backbones", "strategies"))
     args.out = args.out or default_out(datasets, args.quick, subset)
     cache = args.cache or args.out / "cache"
     command = " ".join(["python -m benchmarks run",
