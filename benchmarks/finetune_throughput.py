@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from sklearn_transfer import FineTunedClassifier, get_backbone, load_image_folder
+from sklearn_transfer.batches import ImageDataset, collate_images
 from sklearn_transfer.finetune import FineTuneModule, _augment_kwargs, resolve_freeze_depth
-from sklearn_transfer.images import ImageDataset, as_image_source, collate_images
+from sklearn_transfer.images import as_image_source
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SKLEARN_TRANSFER_DATA", ROOT.parent / "shared" / "data"))

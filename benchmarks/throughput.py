@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from sklearn_transfer import CNNFeatureTransformer, load_image_folder
-from sklearn_transfer.features import CodesExtractor
+from sklearn_transfer.backbones import CodesExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
 

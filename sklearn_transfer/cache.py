@@ -13,13 +13,17 @@ What a row is keyed by
   array's dtype, shape and bytes), never only its path, so an edited file is
   recomputed and a copied one is found;
 * the **computation**: a SHA-256 over the backbone's name and weights
-  identity, a fingerprint of the network's architecture and every weight and
-  buffer, the stage indices, pooling, ReLU, the preprocessing
-  (:class:`~sklearn_transfer.backbones.DataConfig`), the numeric precision
-  and :data:`CODES_VERSION`, which is bumped whenever this library changes
-  how codes are computed. Versions of torch, timm or Pillow are not part of
-  the key: they change codes by rounding at most; :meth:`FeatureCache.clear`
-  starts afresh if wanted.
+  identity, the network itself, the stage indices, pooling, ReLU, the
+  preprocessing (:class:`~sklearn_transfer.catalog.DataConfig`), the numeric
+  precision and :data:`CODES_VERSION`, which is bumped whenever this library
+  changes how codes are computed. A built-in network
+  (:data:`~sklearn_transfer.catalog.BUILTIN`) that is as its weights file
+  gives it is identified by its name, the file's pinned SHA-256 and the
+  version of the package defining its architecture (timm or torchvision), so
+  a warm cache answers without building it; any other network by a
+  fingerprint of its architecture and every weight and buffer. Versions of
+  torch or Pillow are not part of the key: they change codes by rounding at
+  most; :meth:`FeatureCache.clear` starts afresh if wanted.
 
 Safety
 ------
@@ -96,7 +100,7 @@ def _checksum(image: bytes, n_features: int, data: bytes) -> bytes:
 
 
 def image_keys(source: Any) -> list[bytes]:
-    """The content key (SHA-256 of :meth:`ImageSource.fingerprint`) of every image.
+    """The content key (:meth:`ImageSource.content_key`) of every image.
 
     Parameters
     ----------
@@ -121,7 +125,7 @@ def image_keys(source: Any) -> list[bytes]:
     from sklearn_transfer.images import as_image_source
 
     source = as_image_source(source)
-    return [hashlib.sha256(source.fingerprint(i)).digest() for i in range(len(source))]
+    return [source.content_key(i) for i in range(len(source))]
 
 
 def describe_computation(
@@ -135,7 +139,11 @@ def describe_computation(
 
     Parameters
     ----------
-    backbone : Backbone
+    backbone : Backbone or BuiltinSpec
+        A catalogue entry stands for the built-in network exactly as its
+        weights file gives it (pass it only for such a network: nothing is
+        checked); a :class:`~sklearn_transfer.backbones.Backbone` is
+        fingerprinted, weights included.
     stages : list of int
         Resolved stage indices, in output order.
     pooling : str
@@ -153,15 +161,24 @@ def describe_computation(
     """
     from dataclasses import asdict
 
-    from sklearn_transfer.backbones import module_fingerprint
+    from sklearn_transfer.catalog import BuiltinSpec
 
+    if isinstance(backbone, BuiltinSpec):
+        weights_id = backbone.sha256
+        # the architecture is code: the version of the package defining it stands for it
+        network = f"builtin:{backbone.architecture_version()}"
+    else:
+        from sklearn_transfer.backbones import module_fingerprint
+
+        weights_id = backbone.weights_id
+        # a Backbone built by hand may keep the default weights_id ("custom"), and a
+        # fitted one may have been modified since: the tensors themselves settle it
+        network = module_fingerprint(backbone)
     description = {
         "codes_version": CODES_VERSION,
         "backbone": backbone.name,
-        "weights_id": backbone.weights_id,
-        # a Backbone built by hand may keep the default weights_id ("custom"), and a
-        # fitted one may have been modified since: the tensors themselves settle it
-        "network": module_fingerprint(backbone),
+        "weights_id": weights_id,
+        "network": network,
         "stages": [int(i) for i in stages],
         "stage_names": [backbone.stage_names[i] for i in stages],
         "pooling": pooling,

@@ -112,7 +112,7 @@ def _data_digest(source: Any, y: np.ndarray) -> str:
                 stamp = "missing"  # the fit itself raises the error that names it
             h.update(f"file:{os.fspath(item)}:{stamp}\0".encode())
         else:
-            h.update(hashlib.sha256(source.fingerprint(i)).digest())
+            h.update(source.content_key(i))
     h.update(json.dumps(np.asarray(y).astype(str).tolist()).encode())
     return h.hexdigest()
 

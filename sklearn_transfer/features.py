@@ -1,4 +1,11 @@
-"""CNN codes as a scikit-learn transformer: images in, pooled ReLU'd activations out."""
+"""CNN codes as a scikit-learn transformer: images in, pooled ReLU'd activations out.
+
+Importing this module imports neither torch nor timm, and neither does
+fitting a built-in backbone (its stages and widths come from
+:mod:`sklearn_transfer.catalog`): the network is built on the first image
+the feature cache cannot answer, so a rerun against a warm cache costs the
+Python start-up, reading the files and the cache look-up.
+"""
 
 from __future__ import annotations
 
@@ -8,68 +15,30 @@ import os
 import sqlite3
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
-from torch import nn
-from tqdm.auto import tqdm
 
-from sklearn_transfer.backbones import Backbone, get_backbone
 from sklearn_transfer.cache import (
     FeatureCache,
     as_feature_cache,
     describe_computation,
     image_keys,
 )
-from sklearn_transfer.images import (
-    ImageDataset,
-    ImageSource,
-    as_image_source,
-    collate_images,
-    iterate_batches,
-)
-from sklearn_transfer.runtime import Runtime, actionable_oom
+from sklearn_transfer.catalog import BUILTIN, BuiltinSpec, resolve_stage
+from sklearn_transfer.images import ImageSource, as_image_source
+from sklearn_transfer.runtime import Runtime, actionable_oom, autocast_dtype
 
-__all__ = ["CNNFeatureTransformer", "CodesExtractor"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sklearn_transfer.backbones import Backbone, CodesExtractor
+
+__all__ = ["CNNFeatureTransformer"]
 
 POOLINGS = ("avg", "max", "avgmax", "catavgmax")
-
-class CodesExtractor(nn.Module):
-    """uint8 images -> concatenated pooled codes of some stages of a backbone.
-
-    Parameters
-    ----------
-    backbone : Backbone
-    stages : list of int
-        Stage indices to read, in output order.
-    pooling : {"avg", "max", "avgmax", "catavgmax"}
-        timm's adaptive pooling: ``avgmax`` is the mean of both, ``catavgmax``
-        their concatenation.
-    relu : bool
-        Apply ReLU before pooling; intermediate stages of inverted-residual
-        networks end in a linear bottleneck, so their raw outputs are signed.
-    """
-
-    def __init__(self, backbone: Backbone, stages: Sequence[int], pooling: str, relu: bool):
-        super().__init__()
-        from timm.layers import SelectAdaptivePool2d
-
-        self.backbone = backbone
-        self.stage_indices = list(stages)
-        self.pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = self.backbone.forward_stages(x, self.stage_indices)
-        codes = []
-        for out in outs:
-            if self.relu:
-                out = torch.relu(out)
-            codes.append(self.pool(out) if out.ndim == 4 else out.flatten(1))
-        return torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]
 
 
 class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
@@ -122,7 +91,9 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
     Attributes
     ----------
     backbone_ : Backbone
-        The network (on the CPU; moved to ``device`` when transforming).
+        The network (on the CPU; moved to ``device`` when transforming). A
+        built-in network is built when first needed: by this attribute, by a
+        transform the cache cannot wholly answer, or by pickling.
     stages_ : list of int
         Resolved stage indices.
     n_features_out_ : int
@@ -194,43 +165,83 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         as_feature_cache(self.memory)  # TypeError naming memory
 
     def fit(self, X: Any = None, y: Any = None) -> CNNFeatureTransformer:
-        """Prepare the network (no training): load the weights, resolve stages.
+        """Prepare the network (no training): find the weights, resolve stages.
 
-        ``X`` and ``y`` are ignored; they are accepted for the pipeline API.
+        A built-in backbone with ``weights="pretrained"`` is described by the
+        catalogue and built later, when first needed; any other one is built
+        (and its weights loaded) here. ``X`` and ``y`` are ignored; they are
+        accepted for the pipeline API.
         """
         self._check_params()
-        backbone = self.backbone
-        if isinstance(backbone, nn.Module):
-            # the user's module must not be moved or mutated behind their back
-            backbone = copy.deepcopy(backbone)
-        net = get_backbone(backbone, weights=self.weights).eval()
         stages = self.stage if isinstance(self.stage, (list, tuple)) else [self.stage]
         if len(stages) == 0:
             raise ValueError("stage=[] selects no stage; give at least one")
+        spec = self._builtin_spec()
+        if spec is not None:
+            spec.weights_path()  # a missing weights package is reported now, not at a miss
+            net, name, names, widths = None, spec.name, spec.stage_names, spec.widths
+        else:
+            from torch import nn
+
+            from sklearn_transfer.backbones import get_backbone
+
+            backbone = self.backbone
+            if isinstance(backbone, nn.Module):
+                # the user's module must not be moved or mutated behind their back
+                backbone = copy.deepcopy(backbone)
+            net = get_backbone(backbone, weights=self.weights).eval()
+            name, names, widths = net.name, net.stage_names, net.widths
         try:
-            self.stages_ = [net.stage_index(s) for s in stages]
+            self.stages_ = [resolve_stage(s, names, name) for s in stages]
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"stage={self.stage!r}: {exc}") from None
-        self.backbone_ = net
+        self._spec: BuiltinSpec | None = spec
+        self._net: Backbone | None = net
+        # a network handed out (backbone_, or the user's own) may be changed afterwards,
+        # so its tensors identify it in cache keys; an unseen built-in one is the catalogue's
+        self._exposed = spec is None
+        self._stage_names, self._widths = list(names), list(widths)
         self._extractor = None
         self._computation = None
         cache = as_feature_cache(self.memory)
         if cache is not None:
             cache.check_writable()  # fail now, not after an hour of extraction
-        widths = net.widths  # named pretrained backbones carry it from their first build
         factor = 2 if self.pooling == "catavgmax" else 1
-        self.n_features_out_ = sum(widths[i] * factor for i in self.stages_)
+        self.n_features_out_ = sum(self._widths[i] * factor for i in self.stages_)
         return self
+
+    def _builtin_spec(self) -> BuiltinSpec | None:
+        """The catalogue entry when the network is a built-in one with its own weights."""
+        if (isinstance(self.backbone, str) and self.backbone in BUILTIN
+                and isinstance(self.weights, str) and self.weights == "pretrained"):
+            return BUILTIN[self.backbone]
+        return None
+
+    @property
+    def backbone_(self) -> Backbone:
+        net = self._network()
+        self._exposed = True
+        return net
+
+    def _network(self) -> Backbone:
+        """The fitted network, built now if it was not yet (not handed out)."""
+        if "stages_" not in self.__dict__:
+            raise AttributeError(
+                "this CNNFeatureTransformer is not fitted yet, so it has no backbone_; call fit")
+        if self._net is None:
+            from sklearn_transfer.backbones import get_backbone
+
+            self._net = get_backbone(self._spec.name).eval()
+        return self._net
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """Names such as ``head_avg_0``: stage, pooling, channel."""
-        check_is_fitted(self, "backbone_")
+        check_is_fitted(self, "stages_")
         pools = ["avg", "max"] if self.pooling == "catavgmax" else [self.pooling]
         names = []
         for i in self.stages_:
-            stage = self.backbone_.stage_names[i]
             for pool in pools:
-                names += [f"{stage}_{pool}_{c}" for c in range(self.backbone_.widths[i])]
+                names += [f"{self._stage_names[i]}_{pool}_{c}" for c in range(self._widths[i])]
         return np.asarray(names, dtype=object)
 
     # --------------------------------------------------------------- transform
@@ -247,7 +258,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         -------
         ndarray of float32, shape (n_samples, n_features_out_)
         """
-        check_is_fitted(self, "backbone_")
+        check_is_fitted(self, "stages_")
         source = as_image_source(X)
         cache = as_feature_cache(self.memory)
         if cache is None:
@@ -255,20 +266,33 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         return self._transform_cached(source, cache)
 
     def _computation_key(self) -> tuple[str, dict]:
-        """The cache key of this transformer's computation (remembered per precision)."""
-        runtime = Runtime.from_device(self.device)
-        precision = "float32" if runtime.amp_dtype is None else (
-            f"autocast-{str(runtime.amp_dtype).removeprefix('torch.')}")
-        memo = getattr(self, "_computation", None)
-        if memo is None or memo[0] != precision:
-            key = describe_computation(
-                self.backbone_, self.stages_, self.pooling, self.relu, precision)
-            self._computation = memo = (precision, key)
-        return memo[1]
+        """The cache key of this transformer's computation (and its description)."""
+        amp = autocast_dtype(self.device)
+        precision = "float32" if amp is None else f"autocast-{amp}"
+        network = self._key_network()
+        memo = self._computation
+        # fingerprinting a network reads every weight: remember the key, except for a
+        # built-in network that was handed out and changed (it may change again)
+        if (memo is None or memo[0] != precision or memo[1] is not network
+                or network is not self._spec and self._spec is not None):
+            key = describe_computation(network, self.stages_, self.pooling, self.relu, precision)
+            self._computation = memo = (precision, network, key)
+        return memo[2]
+
+    def _key_network(self) -> Backbone | BuiltinSpec:
+        """What identifies the network in cache keys: the catalogue entry while it holds."""
+        if self._spec is None:
+            return self._net
+        if self._net is None or not self._exposed:
+            return self._spec
+        from sklearn_transfer.backbones import module_fingerprint, pristine_fingerprint
+
+        if module_fingerprint(self._net) == pristine_fingerprint(self._spec.name):
+            return self._spec
+        return self._net
 
     def _transform_cached(self, source: ImageSource, cache: FeatureCache) -> np.ndarray:
         """Codes from the cache where present; the rest computed, stored batch by batch."""
-        config, description = self._computation_key()
         keys = image_keys(source)
         # identical images (same content) are computed once
         first: dict[bytes, int] = {}
@@ -278,7 +302,16 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         out = np.empty((len(source), self.n_features_out_), dtype=np.float32)
         width = self.n_features_out_
         with cache._connect() as conn:
-            found = cache.lookup(config, [keys[i] for i in unique], width, conn=conn)
+            while True:
+                config, description = self._computation_key()
+                found = cache.lookup(config, [keys[i] for i in unique], width, conn=conn)
+                if len(found) == len(unique):
+                    break
+                # misses: the network runs, so torch decides the precision now; should
+                # that differ from what was found without torch, look up again
+                self._runtime_extractor()
+                if self._computation_key()[0] == config:
+                    break
             missing = np.asarray(
                 [i for pos, i in enumerate(unique) if pos not in found], dtype=np.int64)
             for pos, codes in found.items():
@@ -309,10 +342,14 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
 
     def _runtime_extractor(self) -> tuple[Runtime, CodesExtractor]:
         """The extractor on the requested device, built once per device."""
+        import torch
+
+        from sklearn_transfer.backbones import CodesExtractor
+
         runtime = Runtime.from_device(self.device)
         cached = getattr(self, "_extractor", None)
         if cached is None or cached[0] != runtime.device:
-            module = CodesExtractor(self.backbone_, self.stages_, self.pooling, self.relu)
+            module = CodesExtractor(self._network(), self.stages_, self.pooling, self.relu)
             if runtime.device.type != "cpu":
                 module = copy.deepcopy(module)
             module = module.to(runtime.device, memory_format=torch.channels_last).eval()
@@ -331,11 +368,16 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         batch's positions in ``indices`` (the cache stores them there, so a
         run stopped half-way keeps what it computed).
         """
-        runtime, module = self._runtime_extractor()
         out = np.empty((len(indices), self.n_features_out_), dtype=np.float32)
         if len(indices) == 0:
             return out
-        config = self.backbone_.data_config
+        import torch
+        from tqdm.auto import tqdm
+
+        from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
+
+        runtime, module = self._runtime_extractor()
+        config = self._network().data_config
         dataset = torch.utils.data.Subset(
             ImageDataset(source, config.eval_transform(), draft_size=config.resize_size),
             indices.tolist(),
@@ -364,6 +406,8 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         return out
 
     def __getstate__(self) -> dict:
+        if "stages_" in self.__dict__:
+            self._network()  # a pickle carries the weights: loading it needs no weights package
         state = self.__dict__.copy()
         state.pop("_extractor", None)  # device copies are rebuilt where it is loaded
         return state

@@ -53,13 +53,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sklearn_transfer.backbones import Backbone, DataConfig, get_backbone
+from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
 from sklearn_transfer.checkpoint import FitCheckpoint
-from sklearn_transfer.images import (
-    ImageDataset,
-    as_image_source,
-    collate_images,
-    iterate_batches,
-)
+from sklearn_transfer.images import as_image_source
 from sklearn_transfer.runtime import (
     Runtime,
     actionable_oom,

@@ -14,13 +14,18 @@ Every image becomes 8-bit RGB: grayscale is repeated, alpha is composited
 on white, palette/CMYK/16-bit images are converted, the EXIF orientation
 is applied. A bad item raises :class:`ImageLoadError` (a ``ValueError``) or
 ``FileNotFoundError`` naming the item and its index, in the caller's process.
+
+This module does not import torch (a user who passes tensors has imported
+it already); :mod:`sklearn_transfer.batches` turns the images into tensor
+batches for the networks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import queue
-import threading
+import sys
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "ImageDataset", "as_image_source", "load_image_folder"]
+__all__ = ["ImageLoadError", "ImageSource", "as_image_source", "load_image_folder"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
                   ".gif")
@@ -49,10 +53,16 @@ class ImageLoadError(ValueError):
         return (type(self), (str(self), self.index, self.item))
 
 
+def _is_tensor(item: Any) -> bool:
+    """A torch tensor? (Without importing torch: no tensor exists before it is imported.)"""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(item, torch.Tensor)
+
+
 def _describe(item: Any) -> str:
     if isinstance(item, (str, os.PathLike)):
         return repr(os.fspath(item))
-    if isinstance(item, (np.ndarray, torch.Tensor)):
+    if isinstance(item, np.ndarray) or _is_tensor(item):
         return f"{type(item).__name__} of shape {tuple(item.shape)} and dtype {item.dtype}"
     return f"a {type(item).__module__}.{type(item).__name__}"
 
@@ -179,6 +189,19 @@ class ImageSource:
             return _array_to_pil(self.data[index].numpy(), index, channels_first=True)
         return load_item(self.data[index], index, draft_size)
 
+    def content_key(self, index: int) -> bytes:
+        """SHA-256 of the image's content (the feature cache's key for it).
+
+        A file's bytes, or an in-memory image's mode/dtype, shape and pixels
+        (see :meth:`fingerprint`). A file is read again only when it may
+        have changed: within a process its key is reused while its device,
+        inode, size, modification and change times stay the same.
+        """
+        item = self.data[index]
+        if self.kind == "items" and isinstance(item, (str, os.PathLike)):
+            return _file_key(item, index)
+        return hashlib.sha256(self.fingerprint(index)).digest()
+
     def fingerprint(self, index: int) -> bytes:
         """Bytes that identify the image's content (for the feature cache)."""
         item = self.data[index]
@@ -192,10 +215,49 @@ class ImageSource:
                 raise _file_error(exc, item, index) from None
         if isinstance(item, Image.Image):
             return f"pil:{item.mode}:{item.size}:".encode() + item.tobytes()
-        if isinstance(item, torch.Tensor):
+        if _is_tensor(item):
             item = item.numpy()
         arr = np.ascontiguousarray(item)
         return f"array:{arr.dtype}:{arr.shape}:".encode() + arr.tobytes()
+
+
+# A grid search keys the same files once per fold and candidate (61 times for 5 folds x 6
+# settings), and reading and hashing 2,000 JPEGs costs ~30 ms each time. So within a process
+# a file's key is reused while its (device, inode, size, mtime, ctime) are unchanged, git's
+# test for an unchanged file; ctime cannot be set back by the user. As in git ("racy git"),
+# a file whose times were less than _SETTLED_NS old when it was hashed is not remembered:
+# rewritten within the file system's timestamp granularity, it could keep its times.
+_FILE_KEYS: dict[str, tuple[tuple[int, ...], bytes]] = {}
+_FILE_KEYS_MAX = 1_000_000  # ~250 MB at most; then start afresh
+_SETTLED_NS = 2_000_000_000  # coarser than any local file system's timestamps
+
+
+def _stamp(name: str) -> tuple[int, ...]:
+    st = os.stat(name)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _file_key(item: str | os.PathLike, index: int) -> bytes:
+    """SHA-256 of ``b"file:"`` and the file's bytes, remembered while the file is unchanged."""
+    name = os.fspath(item)
+    try:
+        before = _stamp(name)
+        known = _FILE_KEYS.get(name)
+        if known is not None and known[0] == before:
+            return known[1]
+        started = time.time_ns()
+        digest = hashlib.sha256(b"file:")
+        with open(name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        after = _stamp(name)
+    except OSError as exc:
+        raise _file_error(exc, item, index) from None
+    if after == before and max(before[3], before[4]) < started - _SETTLED_NS:
+        if len(_FILE_KEYS) >= _FILE_KEYS_MAX:
+            _FILE_KEYS.clear()
+        _FILE_KEYS[name] = (before, digest.digest())
+    return digest.digest()
 
 
 def _file_error(exc: BaseException, item: Any, index: int) -> Exception:
@@ -240,7 +302,7 @@ def load_item(item: Any, index: int, draft_size: int | None = None) -> Image.Ima
             raise ImageLoadError(
                 f"PIL image at index {index} could not be loaded ({exc})", index
             ) from None
-    if isinstance(item, torch.Tensor):
+    if _is_tensor(item):
         return _array_to_pil(item.detach().cpu().numpy(), index, channels_first=True)
     if isinstance(item, np.ndarray):
         return _array_to_pil(item, index)
@@ -279,7 +341,7 @@ def as_image_source(X: Any) -> ImageSource:
         )
     if isinstance(X, Image.Image):
         raise TypeError("X is a single PIL image; pass a list of images")
-    if isinstance(X, torch.Tensor):
+    if _is_tensor(X):
         X = X.detach().cpu()
         if X.ndim != 4 or X.shape[1] not in (1, 3, 4):
             raise ValueError(
@@ -316,7 +378,8 @@ def as_image_source(X: Any) -> ImageSource:
     if isinstance(X, Sequence) or hasattr(X, "__len__") and hasattr(X, "__getitem__"):
         items = list(X)
         for i, item in enumerate(items):
-            if not isinstance(item, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
+            if not (isinstance(item, (str, os.PathLike, Image.Image, np.ndarray))
+                    or _is_tensor(item)):
                 load_item(item, i)  # raises the TypeError that names it
         return _nonempty(ImageSource(items, "items"))
     raise TypeError(
@@ -340,107 +403,6 @@ def _nonempty(src: ImageSource) -> ImageSource:
     if len(src) == 0:
         raise ValueError("X holds no images (0 samples); at least one is required")
     return src
-
-
-# ------------------------------------------------------------------------ datasets
-
-
-@dataclass
-class LoadFailure:
-    """What a worker returns instead of raising, so the caller raises it cleanly."""
-
-    error: Exception
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Images -> ``(H, W, 3)`` uint8 tensors via a PIL transform, never raising in workers.
-
-    Items are returned channels-last so that a stacked batch permuted to
-    ``(N, 3, H, W)`` is already in ``channels_last`` memory format.
-    """
-
-    def __init__(self, source: ImageSource, transform: Any, targets: Any = None,
-                 draft_size: int | None = None) -> None:
-        self.source = source
-        self.transform = transform
-        self.targets = targets
-        self.draft_size = draft_size
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int):
-        try:
-            im = self.transform(self.source.load(index, self.draft_size))
-            x = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))
-        except Exception as exc:  # reported by collate_images in the caller's process
-            return LoadFailure(exc), index
-        y = self.targets[index] if self.targets is not None else index
-        return x, y
-
-
-def collate_images(batch: list) -> Any:
-    """Stack ``(H, W, 3)`` uint8 images to ``(N, 3, H, W)`` (channels_last strides)."""
-    for x, _ in batch:
-        if isinstance(x, LoadFailure):
-            return x
-    xs = torch.stack([x for x, _ in batch]).permute(0, 3, 1, 2)
-    ys = torch.utils.data.default_collate([y for _, y in batch])
-    return xs, ys
-
-
-def iterate_batches(loader: Any, prefetch: int = 0):
-    """Yield a loader's batches, raising a worker's load error as the original error.
-
-    With ``prefetch > 0`` the loader is driven by a background thread that
-    keeps that many batches ready: Pillow releases the GIL while decoding and
-    resizing, so with ``num_workers=0`` decoding overlaps the forward pass
-    without the cost of worker processes.
-    """
-    batches = _prefetched(loader, prefetch) if prefetch > 0 else iter(loader)
-    finished = False
-    try:
-        for batch in batches:
-            if isinstance(batch, LoadFailure):
-                raise batch.error
-            yield batch
-        finished = True
-    finally:
-        # Left mid-epoch (an error, a break): stop worker processes now. Left to the
-        # garbage collector, torch's iterator waits seconds for workers busy on
-        # batches nobody will read.
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if not finished and shutdown is not None:
-            shutdown()
-
-
-def _prefetched(iterable: Any, depth: int):
-    done = object()
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in iterable:
-                if stop.is_set():
-                    return
-                buffer.put(item)
-        except BaseException as exc:  # handed to the consumer, raised there
-            buffer.put(LoadFailure(exc))
-        buffer.put(done)
-
-    thread = threading.Thread(target=produce, daemon=True, name="sklearn_transfer-prefetch")
-    thread.start()
-    try:
-        while (item := buffer.get()) is not done:
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                buffer.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
 
 
 # --------------------------------------------------------------------- folder trees
@@ -474,7 +436,7 @@ def load_image_folder(root: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     ...     (root / c).mkdir()
     ...     Image.new("RGB", (8, 8)).save(root / c / "a.png")
     >>> X, y = load_image_folder(root)
-    >>> list(y)
+    >>> y.tolist()
     ['ants', 'bees']
     """
     from sklearn.datasets import load_files

@@ -2,20 +2,37 @@
 
 Every estimator asks this module, so that "auto" means the same thing
 everywhere and the CUDA-only switches (pinned memory, autocast,
-non-blocking copies) are decided in one place.
+non-blocking copies) are decided in one place. torch is imported when first
+needed: :func:`autocast_dtype` can often answer without it, which lets a
+transformer serve codes from a warm cache without importing torch at all.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import ctypes
+import importlib.util
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-__all__ = ["Runtime", "actionable_oom", "resolve_device", "seed_everything", "seed_worker"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Runtime",
+    "actionable_oom",
+    "autocast_dtype",
+    "resolve_device",
+    "seed_everything",
+    "seed_worker",
+]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -37,6 +54,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     >>> resolve_device("cpu")
     device(type='cpu')
     """
+    import torch
+
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -51,6 +70,69 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             "to fall back to the CPU."
         )
     return dev
+
+
+def autocast_dtype(device: str | torch.device | None = "auto") -> str | None:
+    """The autocast dtype ``Runtime.from_device(device)`` would use, by name.
+
+    ``"float16"`` on CUDA, ``None`` elsewhere. Answered without importing
+    torch where that is certain: ``"cpu"``, or ``"auto"`` when torch is a CPU
+    build or no CUDA driver library can be loaded (then torch sees no GPU
+    either). Otherwise torch is imported and asked.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda", "cuda:N", "mps"} or torch.device
+
+    Returns
+    -------
+    str or None
+
+    Examples
+    --------
+    >>> from sklearn_transfer.runtime import autocast_dtype
+    >>> autocast_dtype("cpu") is None
+    True
+    """
+    if isinstance(device, str) and device == "cpu":
+        return None
+    if (device is None or isinstance(device, str) and device == "auto") and (
+            "torch" not in sys.modules and not _torch_may_see_cuda()):
+        return None
+    amp = Runtime.from_device(device).amp_dtype
+    return None if amp is None else str(amp).removeprefix("torch.")
+
+
+def _torch_may_see_cuda() -> bool:
+    """False when torch, once imported, certainly reports no CUDA device; else True.
+
+    Reads torch's generated ``version.py`` (a CPU build says ``cuda = None``)
+    and tries to load the CUDA driver library, which torch needs for any GPU.
+    Nothing is initialised, so this is safe before forking workers.
+    """
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return True  # let the import say what is wrong
+    try:
+        tree = ast.parse((Path(list(spec.submodule_search_locations)[0]) / "version.py")
+                         .read_text())
+        built: dict[str, object] = {}
+        for node in tree.body:
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(
+                node, "target", None)
+            if isinstance(target, ast.Name) and target.id in ("cuda", "hip"):
+                built[target.id] = ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError, IndexError):
+        return True
+    if set(built) != {"cuda", "hip"} or built["hip"] is not None:
+        return True  # unknown layout, or ROCm: torch.cuda there is HIP; ask torch
+    if built["cuda"] is None or sys.platform == "darwin":
+        return False
+    try:
+        ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -77,6 +159,8 @@ class Runtime:
 
     @classmethod
     def from_device(cls, device: str | torch.device | None = "auto") -> Runtime:
+        import torch
+
         dev = resolve_device(device)
         cuda = dev.type == "cuda"
         return cls(
@@ -90,6 +174,8 @@ class Runtime:
         """Autocast on CUDA, a no-op elsewhere."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
+        import torch
+
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -110,6 +196,8 @@ def seed_everything(random_state: int | np.random.RandomState | None) -> torch.G
     """
     if random_state is None:
         return None
+    import torch
+
     if isinstance(random_state, np.random.RandomState):
         seed = int(random_state.randint(0, 2**31 - 1))
     else:
@@ -130,6 +218,8 @@ def seed_worker(worker_id: int) -> None:
     and NumPy are not, so augmentations using them would repeat across
     workers and runs without this.
     """
+    import torch
+
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)  # noqa: NPY002
     random.seed(seed)
@@ -164,6 +254,8 @@ def actionable_oom(batch_size: int, parameter: str = "batch_size",
     ...     print(str(exc)[:72])
     the GPU ran out of memory on a batch of 64 images (batch_size=64): lower
     """
+    import torch
+
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:

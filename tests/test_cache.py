@@ -275,6 +275,54 @@ def test_array_inputs_are_keyed_by_content_and_duplicates_computed_once(tmp_path
     assert image_keys(images)[0] != image_keys(images.astype(np.float32) / 255)[0]
 
 
+def _sha(path: str) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(b"file:" + Path(path).read_bytes()).digest()
+
+
+def test_unchanged_files_are_read_once_per_process_and_changes_always_seen(
+        tmp_path, monkeypatch):
+    from sklearn_transfer import images
+
+    monkeypatch.setattr(images, "_FILE_KEYS", {})
+    monkeypatch.setattr(images, "_SETTLED_NS", 0)  # as if the files were old
+    X, _ = write_images(tmp_path / "img", n=3)
+    time.sleep(0.05)
+    reads = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        reads.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(images, "open", counting_open, raising=False)
+    first = image_keys(X)
+    assert first == [_sha(p) for p in X] and len(reads) == 3
+    assert image_keys(X) == first and len(reads) == 3  # nothing read again
+
+    # same size, same mtime (set back), other bytes: the change time still tells
+    st = os.stat(X[1])
+    data = bytearray(Path(X[1]).read_bytes())
+    data[-20] ^= 0xFF
+    Path(X[1]).write_bytes(bytes(data))
+    os.utime(X[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(X[1]).st_size == st.st_size
+    again = image_keys(X)
+    assert again[1] == _sha(X[1]) != first[1]
+    assert again[0] == first[0] and again[2] == first[2]
+
+
+def test_files_changed_too_recently_to_trust_their_times_are_not_remembered(
+        tmp_path, monkeypatch):
+    from sklearn_transfer import images
+
+    monkeypatch.setattr(images, "_FILE_KEYS", {})
+    X, _ = write_images(tmp_path / "img", n=2)  # written just now: within _SETTLED_NS
+    assert image_keys(X) == [_sha(p) for p in X]
+    assert images._FILE_KEYS == {}
+
+
 # ------------------------------------------------------------- processes, crashes
 
 

@@ -7,14 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sklearn_transfer.images import (
-    ImageDataset,
-    ImageLoadError,
-    as_image_source,
-    collate_images,
-    iterate_batches,
-    load_image_folder,
-)
+from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
+from sklearn_transfer.images import ImageLoadError, as_image_source, load_image_folder
 
 
 def rgb(src, i=0):

