@@ -238,7 +238,7 @@ def main() -> None:
               f"(process wall {warm['wall_s']:.1f} s): cold/warm = "
               f"{cold['wall_s'] / warm['wall_s']:.1f}x by process wall time; what remains is "
               f"the {fits} head fits ({heads_s:.1f} s above) and {2 * fits - 1} look-ups "
-              f"(files read and hashed each time); packages imported: "
+              f"(each file read and hashed once, then checked by its times); packages imported: "
               f"{', '.join(warm['imported']) or 'neither torch nor timm'}")
 
         # 4. the extraction script, cold then warm

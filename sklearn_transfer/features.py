@@ -4,7 +4,9 @@ Importing this module imports neither torch nor timm, and neither does
 fitting a built-in backbone (its stages and widths come from
 :mod:`sklearn_transfer.catalog`): the network is built on the first image
 the feature cache cannot answer, so a rerun against a warm cache costs the
-Python start-up, reading the files and the cache look-up.
+Python start-up, reading the files and the cache look-up. (With
+``device="auto"`` on a machine with a CUDA driver, torch is still imported,
+to learn whether it would compute in float16.)
 """
 
 from __future__ import annotations
@@ -197,9 +199,9 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             raise type(exc)(f"stage={self.stage!r}: {exc}") from None
         self._spec: BuiltinSpec | None = spec
         self._net: Backbone | None = net
-        # a network handed out (backbone_, or the user's own) may be changed afterwards,
-        # so its tensors identify it in cache keys; an unseen built-in one is the catalogue's
-        self._exposed = spec is None
+        self._pristine: str | None = None  # fingerprint of the built-in network, once built
+        # only what backbone_ handed out can change after fit (fit copied the user's module)
+        self._exposed = False
         self._stage_names, self._widths = list(names), list(widths)
         self._extractor = None
         self._computation = None
@@ -220,6 +222,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
     @property
     def backbone_(self) -> Backbone:
         net = self._network()
+        # the caller may change it: from now on each transform checks it (see _state_token)
         self._exposed = True
         return net
 
@@ -229,9 +232,11 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             raise AttributeError(
                 "this CNNFeatureTransformer is not fitted yet, so it has no backbone_; call fit")
         if self._net is None:
-            from sklearn_transfer.backbones import get_backbone
+            from sklearn_transfer.backbones import get_backbone, pristine_fingerprint
 
             self._net = get_backbone(self._spec.name).eval()
+            # kept here, so that a pickle can tell without the weights package
+            self._pristine = pristine_fingerprint(self._spec.name)
         return self._net
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
@@ -269,27 +274,56 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         """The cache key of this transformer's computation (and its description)."""
         amp = autocast_dtype(self.device)
         precision = "float32" if amp is None else f"autocast-{amp}"
-        network = self._key_network()
+        token = self._state_token()
         memo = self._computation
-        # fingerprinting a network reads every weight: remember the key, except for a
-        # built-in network that was handed out and changed (it may change again)
-        if (memo is None or memo[0] != precision or memo[1] is not network
-                or network is not self._spec and self._spec is not None):
-            key = describe_computation(network, self.stages_, self.pooling, self.relu, precision)
-            self._computation = memo = (precision, network, key)
+        # fingerprinting reads every weight: do it again only when the network may have changed
+        if memo is None or memo[0] != precision or memo[1] != token:
+            key = describe_computation(
+                self._key_network(), self.stages_, self.pooling, self.relu, precision)
+            self._computation = memo = (precision, token, key)
         return memo[2]
 
-    def _key_network(self) -> Backbone | BuiltinSpec:
-        """What identifies the network in cache keys: the catalogue entry while it holds."""
-        if self._spec is None:
-            return self._net
-        if self._net is None or not self._exposed:
-            return self._spec
-        from sklearn_transfer.backbones import module_fingerprint, pristine_fingerprint
+    def _state_token(self) -> tuple | None:
+        """A cheap summary of a handed-out network that changes whenever it may have.
 
-        if module_fingerprint(self._net) == pristine_fingerprint(self._spec.name):
-            return self._spec
-        return self._net
+        Its module tree and, for every weight and buffer, storage address and
+        version counter (bumped by every in-place change: an optimizer step,
+        ``mul_``, ``load_state_dict``). ``None`` while nothing was handed out.
+        """
+        if not self._exposed or self._net is None:
+            return None
+        from torch import nn
+
+        net = self._net
+        tensors = [*net.named_parameters(), *net.named_buffers()]
+        return (nn.Module.__repr__(net),
+                tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype),
+                       str(t.device)) for name, t in tensors))
+
+    def _key_network(self) -> Backbone | BuiltinSpec:
+        """What identifies the network in cache keys: its catalogue entry while that holds.
+
+        A built-in network as its weights file gives it is keyed by name and
+        weights, whether it was named or passed as a Backbone; any other by
+        its tensors (see :func:`~sklearn_transfer.cache.describe_computation`).
+        """
+        spec, net = self._spec, self._net
+        if net is None or spec is not None and not self._exposed:
+            return spec
+        from sklearn_transfer.backbones import module_fingerprint, pristine_fingerprint
+        from sklearn_transfer.catalog import WeightsUnavailableError
+
+        if spec is None:
+            spec = BUILTIN.get(net.name)
+            if spec is None or net.weights_id != spec.sha256:
+                return net
+            try:  # the user's get_backbone("mobilenet_v2"), unchanged: the same codes
+                pristine = pristine_fingerprint(spec.name)
+            except WeightsUnavailableError:
+                return net
+        else:
+            pristine = self._pristine
+        return spec if module_fingerprint(net) == pristine else net
 
     def _transform_cached(self, source: ImageSource, cache: FeatureCache) -> np.ndarray:
         """Codes from the cache where present; the rest computed, stored batch by batch."""
@@ -348,13 +382,15 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
 
         runtime = Runtime.from_device(self.device)
         cached = getattr(self, "_extractor", None)
-        if cached is None or cached[0] != runtime.device:
+        # a device copy is remade when the handed-out network changed since it was made
+        if cached is None or cached[0] != runtime.device or cached[1] != self._state_token():
             module = CodesExtractor(self._network(), self.stages_, self.pooling, self.relu)
             if runtime.device.type != "cpu":
                 module = copy.deepcopy(module)
             module = module.to(runtime.device, memory_format=torch.channels_last).eval()
-            self._extractor = (runtime.device, module)
-        return runtime, self._extractor[1]
+            # on the CPU the conversion to channels_last changed the network's storage
+            self._extractor = (runtime.device, self._state_token(), module)
+        return runtime, self._extractor[2]
 
     def _extract(
         self,
@@ -410,4 +446,13 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             self._network()  # a pickle carries the weights: loading it needs no weights package
         state = self.__dict__.copy()
         state.pop("_extractor", None)  # device copies are rebuilt where it is loaded
+        state["_computation"] = None  # its token holds this process's storage addresses
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        if "backbone_" in state:  # pickled by sklearn_transfer before the lazy build
+            net = state.pop("backbone_")
+            state.update(_spec=None, _net=net, _pristine=None, _exposed=True,
+                         _stage_names=list(net.stage_names), _widths=net.widths,
+                         _computation=None)
+        self.__dict__.update(state)

@@ -192,41 +192,33 @@ class ImageSource:
     def content_key(self, index: int) -> bytes:
         """SHA-256 of the image's content (the feature cache's key for it).
 
-        A file's bytes, or an in-memory image's mode/dtype, shape and pixels
-        (see :meth:`fingerprint`). A file is read again only when it may
-        have changed: within a process its key is reused while its device,
-        inode, size, modification and change times stay the same.
+        A file's bytes (not its path: an edited file gets a new key, a
+        copied one the same), or an in-memory image's mode/dtype, shape and
+        pixels. A file is read again only when it may have changed: within a
+        process its key is reused while its device, inode, size, modification
+        and change times stay the same.
         """
         item = self.data[index]
         if self.kind == "items" and isinstance(item, (str, os.PathLike)):
             return _file_key(item, index)
-        return hashlib.sha256(self.fingerprint(index)).digest()
-
-    def fingerprint(self, index: int) -> bytes:
-        """Bytes that identify the image's content (for the feature cache)."""
-        item = self.data[index]
-        if self.kind == "tensor":
-            item = item.numpy()
-        if isinstance(item, (str, os.PathLike)):
-            try:
-                with open(item, "rb") as fh:
-                    return b"file:" + fh.read()
-            except OSError as exc:
-                raise _file_error(exc, item, index) from None
         if isinstance(item, Image.Image):
-            return f"pil:{item.mode}:{item.size}:".encode() + item.tobytes()
-        if _is_tensor(item):
-            item = item.numpy()
-        arr = np.ascontiguousarray(item)
-        return f"array:{arr.dtype}:{arr.shape}:".encode() + arr.tobytes()
+            head, data = f"pil:{item.mode}:{item.size}:", item.tobytes()
+        else:
+            if _is_tensor(item):
+                item = item.detach().cpu().numpy()
+            arr = np.ascontiguousarray(item)
+            head, data = f"array:{arr.dtype}:{arr.shape}:", arr.tobytes()
+        return hashlib.sha256(head.encode() + data).digest()
 
 
 # A grid search keys the same files once per fold and candidate (61 times for 5 folds x 6
 # settings), and reading and hashing 2,000 JPEGs costs ~30 ms each time. So within a process
 # a file's key is reused while its (device, inode, size, mtime, ctime) are unchanged, git's
-# test for an unchanged file; ctime cannot be set back by the user. As in git ("racy git"),
-# a file whose times were less than _SETTLED_NS old when it was hashed is not remembered:
-# rewritten within the file system's timestamp granularity, it could keep its times.
+# test for an unchanged file; on POSIX ctime cannot be set back by the user. As in git
+# ("racy git"), a file whose times were less than _SETTLED_NS old when it was hashed is not
+# remembered: rewritten within the file system's timestamp granularity, it could keep its
+# times. Not on Windows, where st_ctime is the (settable) creation time. Network file
+# systems may report stale times; the cache itself belongs on a local disk anyway.
 _FILE_KEYS: dict[str, tuple[tuple[int, ...], bytes]] = {}
 _FILE_KEYS_MAX = 1_000_000  # ~250 MB at most; then start afresh
 _SETTLED_NS = 2_000_000_000  # coarser than any local file system's timestamps
@@ -253,7 +245,8 @@ def _file_key(item: str | os.PathLike, index: int) -> bytes:
         after = _stamp(name)
     except OSError as exc:
         raise _file_error(exc, item, index) from None
-    if after == before and max(before[3], before[4]) < started - _SETTLED_NS:
+    settled = max(before[3], before[4]) < started - _SETTLED_NS
+    if after == before and settled and sys.platform != "win32":
         if len(_FILE_KEYS) >= _FILE_KEYS_MAX:
             _FILE_KEYS.clear()
         _FILE_KEYS[name] = (before, digest.digest())

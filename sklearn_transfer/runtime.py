@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import random
 import sys
@@ -103,6 +104,7 @@ def autocast_dtype(device: str | torch.device | None = "auto") -> str | None:
     return None if amp is None else str(amp).removeprefix("torch.")
 
 
+@functools.cache  # an installation does not change under a running process
 def _torch_may_see_cuda() -> bool:
     """False when torch, once imported, certainly reports no CUDA device; else True.
 

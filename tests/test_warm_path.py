@@ -24,7 +24,11 @@ import torch
 from PIL import Image
 
 from sklearn_transfer import CNNFeatureTransformer, FeatureCache, backbones, features, runtime
-from sklearn_transfer.backbones import WeightsUnavailableError, get_backbone
+from sklearn_transfer.backbones import (
+    WeightsUnavailableError,
+    architecture_digest,
+    get_backbone,
+)
 from sklearn_transfer.catalog import BUILTIN, available_backbones
 
 from .conftest import REPO, colour_images, make_tiny_backbone
@@ -69,6 +73,11 @@ def test_catalogue_entry_matches_the_network_it_describes(name):
     assert list(spec.widths) == net.widths  # measured by a dry run of the network
     assert asdict(spec.data_config) == asdict(net.data_config)  # read from timm/torchvision
     assert spec.sha256 == net.weights_id
+    # how this library builds and cuts the network: change that, and this entry (and with it
+    # every cache key of the network) must change too
+    assert spec.layout == architecture_digest(net), (
+        f"the built {name} no longer has the layout its catalogue entry records: update "
+        f"layout= in sklearn_transfer/catalog.py to {architecture_digest(net)}")
 
 
 def test_fit_reads_the_catalogue_and_the_network_is_built_when_first_needed():
@@ -122,7 +131,10 @@ def test_warm_rerun_in_a_new_process_imports_neither_torch_nor_timm(tmp_path):
     needs("mobilenet_v2")
     X = write_files(tmp_path / "img", 4)
     cache = tmp_path / "cache"
-    cold = CNNFeatureTransformer("mobilenet_v2", memory=cache, progress=False).fit_transform(X)
+    # with a CUDA driver present, "auto" must ask torch which precision it would use
+    device = "cpu" if runtime._torch_may_see_cuda() else "auto"
+    cold = CNNFeatureTransformer("mobilenet_v2", memory=cache, device=device,
+                                 progress=False).fit_transform(X)
     plain = CNNFeatureTransformer("mobilenet_v2", progress=False).fit_transform(X)
     np.testing.assert_array_equal(cold, plain)
     new = write_files(tmp_path / "new", 1, seed=5)
@@ -130,7 +142,8 @@ def test_warm_rerun_in_a_new_process_imports_neither_torch_nor_timm(tmp_path):
         import json, sys
         import numpy as np
         from sklearn_transfer import CNNFeatureTransformer
-        tf = CNNFeatureTransformer("mobilenet_v2", memory={str(cache)!r}, progress=False)
+        tf = CNNFeatureTransformer("mobilenet_v2", memory={str(cache)!r}, device={device!r},
+                                   progress=False)
         warm = tf.fit_transform({X!r})
         heavy = [m for m in {HEAVY!r} if m in sys.modules]
         # one image the cache lacks: the network is built and run for it alone
@@ -164,6 +177,69 @@ def test_a_changed_builtin_network_is_keyed_by_its_tensors(tmp_path):
     np.testing.assert_array_equal(
         after, CNNFeatureTransformer(tf.backbone_, progress=False).fit_transform(X))
     assert len(FeatureCache(cache).info().computations) == 2
+
+
+def test_a_users_network_changed_after_fit_is_keyed_by_its_new_tensors(tmp_path):
+    X = colour_images(4)
+    cache = tmp_path / "cache"
+    tf = CNNFeatureTransformer(make_tiny_backbone(), memory=cache, progress=False).fit()
+    before = tf.transform(X[:2])
+    with torch.no_grad():
+        tf.backbone_.stages[-1][0].weight.mul_(0.5)
+    after = tf.transform(X)  # two images cached for the old network, two new
+    np.testing.assert_array_equal(
+        after, CNNFeatureTransformer(tf.backbone_, progress=False).fit_transform(X))
+    assert not np.allclose(after[:2], before)
+    assert len(FeatureCache(cache).info().computations) == 2
+    # codes of the changed network went under its own key: a fresh transformer of the
+    # original network computes the two images it lacks, not read the changed codes
+    fresh = CNNFeatureTransformer(make_tiny_backbone(), memory=cache, progress=False).fit()
+    np.testing.assert_array_equal(
+        fresh.transform(X), CNNFeatureTransformer(make_tiny_backbone(),
+                                                  progress=False).fit_transform(X))
+
+
+def test_a_builtin_network_passed_as_a_backbone_shares_the_named_ones_codes(tmp_path):
+    needs("mobilenet_v2")
+    X = colour_images(2)
+    cache = tmp_path / "cache"
+    by_name = CNNFeatureTransformer("mobilenet_v2", memory=cache, progress=False).fit()
+    codes = by_name.transform(X)
+    as_object = CNNFeatureTransformer(get_backbone("mobilenet_v2"), memory=cache,
+                                      progress=False).fit()
+    np.testing.assert_array_equal(as_object.transform(X), codes)
+    assert len(FeatureCache(cache).info().computations) == 1
+
+
+def test_a_pickle_of_a_handed_out_network_needs_no_weights_package(tmp_path, monkeypatch):
+    needs("mobilenet_v2")
+    import pickle
+
+    X = colour_images(2)
+    tf = CNNFeatureTransformer("mobilenet_v2", memory=tmp_path / "cache", progress=False).fit()
+    codes = tf.transform(X)
+    tf.backbone_  # noqa: B018 -- handed out: loaded, it checks its tensors against the original
+    blob = pickle.dumps(tf)
+    # where it is loaded, the weights package is missing and nothing is built yet
+    monkeypatch.setitem(sys.modules, BUILTIN["mobilenet_v2"].package, None)
+    monkeypatch.setattr(backbones, "_PRETRAINED", {})
+    monkeypatch.setattr(backbones, "_PRISTINE", {})
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.transform(X), codes)
+    assert len(FeatureCache(tmp_path / "cache").info().computations) == 1
+
+
+def test_pickles_from_before_the_lazy_build_still_load():
+    tf = CNNFeatureTransformer(make_tiny_backbone(), progress=False).fit()
+    X = colour_images(2)
+    state = tf.__getstate__()
+    old = {k: v for k, v in state.items() if k not in (
+        "_spec", "_net", "_pristine", "_exposed", "_stage_names", "_widths", "_computation")}
+    old["backbone_"] = state["_net"]
+    loaded = CNNFeatureTransformer.__new__(CNNFeatureTransformer)
+    loaded.__setstate__(old)
+    np.testing.assert_array_equal(loaded.transform(X), tf.transform(X))
+    assert loaded.get_feature_names_out()[0] == "head_avg_0"
 
 
 def test_precision_found_without_torch_is_checked_once_the_network_runs(tmp_path, monkeypatch):
@@ -217,4 +293,8 @@ def test_torch_build_and_driver_decide_the_torch_free_answer(
         return object()
 
     monkeypatch.setattr(runtime.ctypes, "CDLL", cdll)
-    assert runtime._torch_may_see_cuda() is may_see
+    runtime._torch_may_see_cuda.cache_clear()
+    try:
+        assert runtime._torch_may_see_cuda() is may_see
+    finally:
+        runtime._torch_may_see_cuda.cache_clear()  # forget the fake installation
