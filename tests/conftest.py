@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,14 @@ def make_tiny_backbone(seed: int = 0) -> Backbone:
 @pytest.fixture
 def tiny_backbone() -> Backbone:
     return make_tiny_backbone()
+
+
+def run_python(code: str) -> dict:
+    """Run ``code`` in a fresh interpreter from the repository; its last line of output is JSON."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def colour_images(n: int, size: int = 40, seed: int = 0) -> np.ndarray:

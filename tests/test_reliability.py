@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +9,7 @@ from PIL import Image
 
 from sklearn_transfer import Backbone, CNNFeatureTransformer, FineTunedClassifier
 
-from .conftest import REPO, make_tiny_backbone
+from .conftest import make_tiny_backbone, run_python
 
 
 def tiny(**params) -> CNNFeatureTransformer:
@@ -46,15 +41,8 @@ def test_decompression_bomb_is_refused_with_the_file_named(tmp_path, monkeypatch
         tiny().fit().transform([path])
 
 
-def _run(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_import_and_offline_backbones_open_no_socket():
-    result = _run("""
+    result = run_python("""
         import json, socket
         opened = []
         class NoSocket(socket.socket):
@@ -75,7 +63,7 @@ def test_import_and_offline_backbones_open_no_socket():
 
 def test_memory_stays_bounded_while_transforming_thousands_of_images(tmp_path):
     """2,000 images at 224 px would hold 300 MB of pixels; the transformer keeps a batch."""
-    result = _run(f"""
+    result = run_python(f"""
         import json, resource
         import numpy as np
         from PIL import Image

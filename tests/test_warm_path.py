@@ -10,10 +10,7 @@ timm, and that the shortcuts never give codes another computation made.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import textwrap
 import types
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +28,7 @@ from sklearn_transfer.backbones import (
 )
 from sklearn_transfer.catalog import BUILTIN, available_backbones
 
-from .conftest import REPO, colour_images, make_tiny_backbone
+from .conftest import colour_images, make_tiny_backbone, run_python
 
 HEAVY = ("torch", "timm", "torchvision", "skorch")
 
@@ -49,13 +46,6 @@ def write_files(folder: Path, n: int, seed: int = 0) -> list[str]:
         Image.fromarray(arr).save(path)
         paths.append(str(path))
     return paths
-
-
-def run(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------- catalogue
@@ -138,7 +128,7 @@ def test_warm_rerun_in_a_new_process_imports_neither_torch_nor_timm(tmp_path):
     plain = CNNFeatureTransformer("mobilenet_v2", progress=False).fit_transform(X)
     np.testing.assert_array_equal(cold, plain)
     new = write_files(tmp_path / "new", 1, seed=5)
-    result = run(f"""
+    result = run_python(f"""
         import json, sys
         import numpy as np
         from sklearn_transfer import CNNFeatureTransformer
@@ -187,6 +177,8 @@ def test_a_users_network_changed_after_fit_is_keyed_by_its_new_tensors(tmp_path)
     with torch.no_grad():
         tf.backbone_.stages[-1][0].weight.mul_(0.5)
     after = tf.transform(X)  # two images cached for the old network, two new
+    # the extractor (a device copy, on a GPU) was remade from the changed network
+    assert tf._extractor[1] == tf._state_token()
     np.testing.assert_array_equal(
         after, CNNFeatureTransformer(tf.backbone_, progress=False).fit_transform(X))
     assert not np.allclose(after[:2], before)
