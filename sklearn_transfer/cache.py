@@ -23,7 +23,13 @@ What a row is keyed by
   so a warm cache answers without building it; any other network by a
   fingerprint of its architecture and every weight and buffer. Versions of
   torch or Pillow are not part of the key: they change codes by rounding at
-  most; :meth:`FeatureCache.clear` starts afresh if wanted.
+  most; :meth:`FeatureCache.clear` starts afresh if wanted. Forward hooks
+  and patched ``forward`` methods are code the key cannot see: do not use a
+  cache with them.
+
+Codes read from the cache equal freshly computed ones bit for bit when the
+images were batched alike; on a CPU, other batch compositions can differ in
+the last bit of float32 (as two uncached runs with other batch sizes do).
 
 Safety
 ------

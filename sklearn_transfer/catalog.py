@@ -205,9 +205,11 @@ class BuiltinSpec:
         ``"torchvision"``); its version is part of cache keys.
     layout : str
         :func:`~sklearn_transfer.backbones.architecture_digest` of the built
-        network: how this library builds and cuts it. Part of cache keys; a
-        test checks it against the network, so a change to the building code
-        cannot keep serving codes of the old network.
+        network: its layers and stages as this library builds and cuts them.
+        Part of cache keys; a test checks it against the network, so
+        regrouping or replacing layers changes the keys. Changes that keep
+        the layers (a stride, an epsilon, the normalisation) must bump
+        :data:`sklearn_transfer.cache.CODES_VERSION`.
     stage_names : tuple of str
     widths : tuple of int
         Channels after each stage.

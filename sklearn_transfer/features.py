@@ -203,12 +203,15 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         # only what backbone_ handed out can change after fit (fit copied the user's module)
         self._exposed = False
         self._stage_names, self._widths = list(names), list(widths)
+        # what fit saw is what transform computes (and what the cache keys say), even if
+        # set_params changes them before the next fit
+        self._pooling, self._relu = self.pooling, bool(self.relu)
         self._extractor = None
         self._computation = None
         cache = as_feature_cache(self.memory)
         if cache is not None:
             cache.check_writable()  # fail now, not after an hour of extraction
-        factor = 2 if self.pooling == "catavgmax" else 1
+        factor = 2 if self._pooling == "catavgmax" else 1
         self.n_features_out_ = sum(self._widths[i] * factor for i in self.stages_)
         return self
 
@@ -222,7 +225,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
     @property
     def backbone_(self) -> Backbone:
         net = self._network()
-        # the caller may change it: from now on each transform checks it (see _state_token)
+        # the caller may change it: from now on each transform checks it (see _state)
         self._exposed = True
         return net
 
@@ -242,7 +245,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """Names such as ``head_avg_0``: stage, pooling, channel."""
         check_is_fitted(self, "stages_")
-        pools = ["avg", "max"] if self.pooling == "catavgmax" else [self.pooling]
+        pools = ["avg", "max"] if self._pooling == "catavgmax" else [self._pooling]
         names = []
         for i in self.stages_:
             for pool in pools:
@@ -274,38 +277,35 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         """The cache key of this transformer's computation (and its description)."""
         amp = autocast_dtype(self.device)
         precision = "float32" if amp is None else f"autocast-{amp}"
-        token = self._state_token()
+        state = self._state()
         memo = self._computation
-        # fingerprinting reads every weight: do it again only when the network may have changed
-        if memo is None or memo[0] != precision or memo[1] != token:
+        if memo is None or memo[0] != precision or memo[1] != state:
             key = describe_computation(
-                self._key_network(), self.stages_, self.pooling, self.relu, precision)
-            self._computation = memo = (precision, token, key)
+                self._key_network(state), self.stages_, self._pooling, self._relu, precision)
+            self._computation = memo = (precision, state, key)
         return memo[2]
 
-    def _state_token(self) -> tuple | None:
-        """A cheap summary of a handed-out network that changes whenever it may have.
+    def _state(self) -> tuple[str, str] | None:
+        """What a handed-out network is now: its tensors' fingerprint and its preprocessing.
 
-        Its module tree and, for every weight and buffer, storage address and
-        version counter (bumped by every in-place change: an optimizer step,
-        ``mul_``, ``load_state_dict``). ``None`` while nothing was handed out.
+        ``None`` while nothing was handed out (nothing else can reach the
+        network). Fingerprinting reads every weight, ~20 ms for the built-in
+        networks; cheaper summaries such as tensors' version counters miss
+        changes made through ``.data`` or numpy views.
         """
         if not self._exposed or self._net is None:
             return None
-        from torch import nn
+        from sklearn_transfer.backbones import module_fingerprint
 
-        net = self._net
-        tensors = [*net.named_parameters(), *net.named_buffers()]
-        return (nn.Module.__repr__(net),
-                tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype),
-                       str(t.device)) for name, t in tensors))
+        return module_fingerprint(self._net), repr(self._net.data_config)
 
-    def _key_network(self) -> Backbone | BuiltinSpec:
+    def _key_network(self, state: tuple[str, str] | None) -> Backbone | BuiltinSpec:
         """What identifies the network in cache keys: its catalogue entry while that holds.
 
-        A built-in network as its weights file gives it is keyed by name and
-        weights, whether it was named or passed as a Backbone; any other by
-        its tensors (see :func:`~sklearn_transfer.cache.describe_computation`).
+        A built-in network as its weights file gives it, with its own
+        preprocessing, is keyed by the catalogue entry, whether it was named or
+        passed as a Backbone; any other by its tensors (see
+        :func:`~sklearn_transfer.cache.describe_computation`).
         """
         spec, net = self._spec, self._net
         if net is None or spec is not None and not self._exposed:
@@ -323,7 +323,10 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
                 return net
         else:
             pristine = self._pristine
-        return spec if module_fingerprint(net) == pristine else net
+        if net.data_config != spec.data_config:
+            return net
+        fingerprint = state[0] if state is not None else module_fingerprint(net)
+        return spec if fingerprint == pristine else net
 
     def _transform_cached(self, source: ImageSource, cache: FeatureCache) -> np.ndarray:
         """Codes from the cache where present; the rest computed, stored batch by batch."""
@@ -356,9 +359,16 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
                 def store(positions: np.ndarray, codes: np.ndarray) -> None:
                     if failed:
                         return
+                    # an image whose content changed since it was looked up (a file
+                    # rewritten meanwhile) is not stored under the key of its old content
+                    same = [p for p in range(len(positions))
+                            if _still(source, int(missing[positions[p]]),
+                                      keys[missing[positions[p]]])]
+                    if not same:
+                        return
                     try:
-                        cache.store(config, [keys[missing[p]] for p in positions], codes,
-                                    description, conn=conn)
+                        cache.store(config, [keys[missing[positions[p]]] for p in same],
+                                    codes[same], description, conn=conn)
                     except sqlite3.Error as exc:
                         # a full disk must not throw away the codes computed so far
                         failed.append(exc)
@@ -383,14 +393,15 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         runtime = Runtime.from_device(self.device)
         cached = getattr(self, "_extractor", None)
         # a device copy is remade when the handed-out network changed since it was made
-        if cached is None or cached[0] != runtime.device or cached[1] != self._state_token():
-            module = CodesExtractor(self._network(), self.stages_, self.pooling, self.relu)
+        state = self._state()
+        if cached is None or cached[0] != runtime.device or cached[1] != state:
+            module = CodesExtractor(self._network(), self.stages_, self._pooling, self._relu)
             if runtime.device.type != "cpu":
                 module = copy.deepcopy(module)
-            module = module.to(runtime.device, memory_format=torch.channels_last).eval()
-            # on the CPU the conversion to channels_last changed the network's storage
-            self._extractor = (runtime.device, self._state_token(), module)
-        return runtime, self._extractor[2]
+            module = module.to(runtime.device, memory_format=torch.channels_last)
+            self._extractor = (runtime.device, state, module)
+        # codes are inference-mode activations, whatever mode the caller left the network in
+        return runtime, self._extractor[2].eval()
 
     def _extract(
         self,
@@ -454,5 +465,14 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             net = state.pop("backbone_")
             state.update(_spec=None, _net=net, _pristine=None, _exposed=True,
                          _stage_names=list(net.stage_names), _widths=net.widths,
+                         _pooling=state["pooling"], _relu=bool(state["relu"]),
                          _computation=None)
         self.__dict__.update(state)
+
+
+def _still(source: ImageSource, index: int, key: bytes) -> bool:
+    """Does image ``index`` still have content key ``key``? (A vanished file has not.)"""
+    try:
+        return source.content_key(index) == key
+    except (OSError, ValueError):
+        return False

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,26 +170,92 @@ def test_a_changed_builtin_network_is_keyed_by_its_tensors(tmp_path):
     assert len(FeatureCache(cache).info().computations) == 2
 
 
-def test_a_users_network_changed_after_fit_is_keyed_by_its_new_tensors(tmp_path):
+def plain(backbone: Any = None, X: Any = None, **params) -> np.ndarray:
+    """Codes computed without any cache (the reference every cached result must equal)."""
+    backbone = make_tiny_backbone() if backbone is None else backbone
+    return CNNFeatureTransformer(backbone, progress=False, **params).fit_transform(X)
+
+
+def fresh_from(cache: Path, X: Any, **params) -> np.ndarray:
+    """Codes of the original tiny network through the cache, by a new transformer."""
+    return CNNFeatureTransformer(make_tiny_backbone(), memory=cache, progress=False,
+                                 **params).fit().transform(X)
+
+
+@pytest.mark.parametrize("change", ["in_place", "through_data", "numpy_view"])
+def test_a_users_network_changed_after_fit_is_keyed_by_its_new_tensors(tmp_path, change):
     X = colour_images(4)
     cache = tmp_path / "cache"
     tf = CNNFeatureTransformer(make_tiny_backbone(), memory=cache, progress=False).fit()
     before = tf.transform(X[:2])
-    with torch.no_grad():
-        tf.backbone_.stages[-1][0].weight.mul_(0.5)
+    weight = tf.backbone_.stages[-1][0].weight
+    if change == "in_place":
+        with torch.no_grad():
+            weight.mul_(0.5)
+    elif change == "through_data":  # old-style updates: no version counter moves
+        weight.data.mul_(0.5)
+    else:
+        weight.detach().numpy()[:] *= 0.5
     after = tf.transform(X)  # two images cached for the old network, two new
-    # the extractor (a device copy, on a GPU) was remade from the changed network
-    assert tf._extractor[1] == tf._state_token()
-    np.testing.assert_array_equal(
-        after, CNNFeatureTransformer(tf.backbone_, progress=False).fit_transform(X))
+    np.testing.assert_array_equal(after, plain(tf.backbone_, X))
     assert not np.allclose(after[:2], before)
     assert len(FeatureCache(cache).info().computations) == 2
     # codes of the changed network went under its own key: a fresh transformer of the
     # original network computes the two images it lacks, not read the changed codes
-    fresh = CNNFeatureTransformer(make_tiny_backbone(), memory=cache, progress=False).fit()
-    np.testing.assert_array_equal(
-        fresh.transform(X), CNNFeatureTransformer(make_tiny_backbone(),
-                                                  progress=False).fit_transform(X))
+    np.testing.assert_array_equal(fresh_from(cache, X), plain(X=X))
+
+
+def test_codes_are_inference_mode_codes_even_if_the_network_was_left_training(tmp_path):
+    X = colour_images(4)
+    cache = tmp_path / "cache"
+    for memory in (cache, None):
+        tf = CNNFeatureTransformer(make_tiny_backbone(), memory=memory, progress=False).fit()
+        tf.transform(X[:2])
+        tf.backbone_.train()  # BatchNorm would use the batch's statistics
+        np.testing.assert_array_equal(tf.transform(X), plain(X=X))
+    np.testing.assert_array_equal(fresh_from(cache, X), plain(X=X))
+
+
+def test_parameters_changed_after_fit_take_effect_at_the_next_fit(tmp_path):
+    X = colour_images(4)
+    cache = tmp_path / "cache"
+    fresh_from(cache, X[:2], stage="block")
+    tf = CNNFeatureTransformer(make_tiny_backbone(), stage="block", memory=cache,
+                               progress=False).fit()
+    tf.transform(X[:2])  # all found: its key is known, no network has run yet
+    tf.set_params(relu=False, pooling="max")
+    np.testing.assert_array_equal(tf.transform(X), plain(X=X, stage="block"))
+    np.testing.assert_array_equal(tf.fit().transform(X),
+                                  plain(X=X, stage="block", relu=False, pooling="max"))
+    np.testing.assert_array_equal(fresh_from(cache, X, stage="block"), plain(X=X, stage="block"))
+
+
+def test_a_file_rewritten_during_a_transform_is_not_stored_under_its_old_key(
+        tmp_path, monkeypatch):
+    X = write_files(tmp_path / "img", 3)
+    original = Path(X[1]).read_bytes()
+    expected = plain(X=X)
+    cache = tmp_path / "cache"
+    real_keys = features.image_keys
+
+    def keys_then_rewrite(source):  # the file changes after its look-up, before decoding
+        keys = real_keys(source)
+        Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(X[1])
+        return keys
+
+    monkeypatch.setattr(features, "image_keys", keys_then_rewrite)
+    out = CNNFeatureTransformer(make_tiny_backbone(), memory=cache, progress=False
+                                ).fit().transform(X)
+    np.testing.assert_array_equal(out, plain(X=X))  # the new picture's codes, as without cache
+    assert FeatureCache(cache).info().entries == 2
+    monkeypatch.undo()
+    Path(X[1]).write_bytes(original)
+    again = fresh_from(cache, X)
+    np.testing.assert_array_equal(again[[0, 2]], expected[[0, 2]])  # read from the cache
+    # computed afresh (alone in its batch, so equal up to float rounding), not the rewritten
+    # picture's codes
+    np.testing.assert_allclose(again[1], expected[1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(again[1], out[1], rtol=1e-3)
 
 
 def test_a_builtin_network_passed_as_a_backbone_shares_the_named_ones_codes(tmp_path):
@@ -201,6 +268,23 @@ def test_a_builtin_network_passed_as_a_backbone_shares_the_named_ones_codes(tmp_
                                       progress=False).fit()
     np.testing.assert_array_equal(as_object.transform(X), codes)
     assert len(FeatureCache(cache).info().computations) == 1
+
+
+def test_a_builtin_network_with_other_preprocessing_is_not_the_catalogues(tmp_path):
+    needs("mobilenet_v2")
+    X = colour_images(2, size=120)
+    cache = tmp_path / "cache"
+    small = get_backbone("mobilenet_v2")
+    small.data_config = replace(small.data_config, input_size=96)
+    codes = CNNFeatureTransformer(small, memory=cache, progress=False).fit_transform(X)
+    np.testing.assert_array_equal(codes, plain(small, X))
+    named = CNNFeatureTransformer("mobilenet_v2", memory=cache, progress=False).fit()
+    named.backbone_.data_config = small.data_config  # handed out, then changed
+    np.testing.assert_array_equal(named.transform(X), codes)
+    np.testing.assert_array_equal(
+        CNNFeatureTransformer("mobilenet_v2", memory=cache, progress=False).fit_transform(X),
+        plain("mobilenet_v2", X))
+    assert len(FeatureCache(cache).info().computations) == 2
 
 
 def test_a_pickle_of_a_handed_out_network_needs_no_weights_package(tmp_path, monkeypatch):
