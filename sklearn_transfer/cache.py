@@ -140,6 +140,7 @@ def describe_computation(
     pooling: str,
     relu: bool,
     precision: str,
+    fingerprint: str | None = None,
 ) -> tuple[str, dict]:
     """The key of one way of computing codes, and the description it hashes.
 
@@ -157,6 +158,9 @@ def describe_computation(
     precision : str
         ``"float32"``, or the autocast dtype (codes computed under float16
         autocast differ from float32 ones, so they are kept apart).
+    fingerprint : str, optional
+        The Backbone's :func:`~sklearn_transfer.backbones.module_fingerprint`
+        if the caller has it already (it reads every weight).
 
     Returns
     -------
@@ -180,7 +184,7 @@ def describe_computation(
         weights_id = backbone.weights_id
         # a Backbone built by hand may keep the default weights_id ("custom"), and a
         # fitted one may have been modified since: the tensors themselves settle it
-        network = module_fingerprint(backbone)
+        network = fingerprint or module_fingerprint(backbone)
     description = {
         "codes_version": CODES_VERSION,
         "backbone": backbone.name,

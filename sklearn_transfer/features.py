@@ -11,12 +11,13 @@ to learn whether it would compute in float16.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 import os
 import sqlite3
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -273,16 +274,16 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             return self._extract(source, np.arange(len(source)))
         return self._transform_cached(source, cache)
 
-    def _computation_key(self) -> tuple[str, dict]:
-        """The cache key of this transformer's computation (and its description)."""
+    def _computation_key(self, state: tuple[str, str] | None) -> tuple[str, dict]:
+        """The cache key of this transformer's computation (and its description).
+
+        ``state`` is :meth:`_state`, taken once per transform.
+        """
         amp = autocast_dtype(self.device)
         precision = "float32" if amp is None else f"autocast-{amp}"
-        state = self._state()
         memo = self._computation
         if memo is None or memo[0] != precision or memo[1] != state:
-            key = describe_computation(
-                self._key_network(state), self.stages_, self._pooling, self._relu, precision)
-            self._computation = memo = (precision, state, key)
+            self._computation = memo = (precision, state, self._describe(state, precision))
         return memo[2]
 
     def _state(self) -> tuple[str, str] | None:
@@ -328,9 +329,15 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         fingerprint = state[0] if state is not None else module_fingerprint(net)
         return spec if fingerprint == pristine else net
 
+    def _describe(self, state: tuple[str, str] | None, precision: str) -> tuple[str, dict]:
+        network = self._key_network(state)
+        return describe_computation(network, self.stages_, self._pooling, self._relu, precision,
+                                    fingerprint=state[0] if state is not None else None)
+
     def _transform_cached(self, source: ImageSource, cache: FeatureCache) -> np.ndarray:
         """Codes from the cache where present; the rest computed, stored batch by batch."""
         keys = image_keys(source)
+        state = self._state()  # fingerprinting reads every weight: once per transform
         # identical images (same content) are computed once
         first: dict[bytes, int] = {}
         for i, key in enumerate(keys):
@@ -340,14 +347,14 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         width = self.n_features_out_
         with cache._connect() as conn:
             while True:
-                config, description = self._computation_key()
+                config, description = self._computation_key(state)
                 found = cache.lookup(config, [keys[i] for i in unique], width, conn=conn)
                 if len(found) == len(unique):
                     break
                 # misses: the network runs, so torch decides the precision now; should
                 # that differ from what was found without torch, look up again
-                self._runtime_extractor()
-                if self._computation_key()[0] == config:
+                self._runtime_extractor(state)
+                if self._computation_key(state)[0] == config:
                     break
             missing = np.asarray(
                 [i for pos, i in enumerate(unique) if pos not in found], dtype=np.int64)
@@ -359,16 +366,15 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
                 def store(positions: np.ndarray, codes: np.ndarray) -> None:
                     if failed:
                         return
+                    images = missing[positions]
                     # an image whose content changed since it was looked up (a file
                     # rewritten meanwhile) is not stored under the key of its old content
-                    same = [p for p in range(len(positions))
-                            if _still(source, int(missing[positions[p]]),
-                                      keys[missing[positions[p]]])]
+                    same = [j for j, i in enumerate(images) if _still(source, int(i), keys[i])]
                     if not same:
                         return
                     try:
-                        cache.store(config, [keys[missing[positions[p]]] for p in same],
-                                    codes[same], description, conn=conn)
+                        cache.store(config, [keys[images[j]] for j in same], codes[same],
+                                    description, conn=conn)
                     except sqlite3.Error as exc:
                         # a full disk must not throw away the codes computed so far
                         failed.append(exc)
@@ -379,35 +385,42 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
                             stacklevel=2,
                         )
 
-                out[missing] = self._extract(source, missing, on_batch=store)
+                out[missing] = self._extract(source, missing, on_batch=store, state=state)
         if len(unique) < len(keys):
             out[:] = out[[first[key] for key in keys]]
         return out
 
-    def _runtime_extractor(self) -> tuple[Runtime, CodesExtractor]:
-        """The extractor on the requested device, built once per device."""
+    def _runtime_extractor(self, state: tuple[str, str] | None = None
+                           ) -> tuple[Runtime, CodesExtractor]:
+        """The extractor on the requested device, built once per device.
+
+        On the CPU it runs the fitted network itself; elsewhere a copy, made
+        again when a handed-out network changed (``state``, see :meth:`_state`).
+        """
         import torch
 
         from sklearn_transfer.backbones import CodesExtractor
 
         runtime = Runtime.from_device(self.device)
+        copied = runtime.device.type != "cpu"
+        if copied and state is None:
+            state = self._state()
+        marker = state if copied else None
         cached = getattr(self, "_extractor", None)
-        # a device copy is remade when the handed-out network changed since it was made
-        state = self._state()
-        if cached is None or cached[0] != runtime.device or cached[1] != state:
+        if cached is None or cached[0] != runtime.device or cached[1] != marker:
             module = CodesExtractor(self._network(), self.stages_, self._pooling, self._relu)
-            if runtime.device.type != "cpu":
-                module = copy.deepcopy(module)
-            module = module.to(runtime.device, memory_format=torch.channels_last)
-            self._extractor = (runtime.device, state, module)
-        # codes are inference-mode activations, whatever mode the caller left the network in
-        return runtime, self._extractor[2].eval()
+            self._extractor = (runtime.device, marker,
+                               copy.deepcopy(module) if copied else module)
+        # cheap when already there; on the CPU the network may have been moved meanwhile
+        module = self._extractor[2].to(runtime.device, memory_format=torch.channels_last)
+        return runtime, module
 
     def _extract(
         self,
         source: ImageSource,
         indices: np.ndarray,
         on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
+        state: tuple[str, str] | None = None,
     ) -> np.ndarray:
         """Codes for ``source[indices]``, batch by batch; only the output is kept.
 
@@ -423,7 +436,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
 
         from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
 
-        runtime, module = self._runtime_extractor()
+        runtime, module = self._runtime_extractor(state)
         config = self._network().data_config
         dataset = torch.utils.data.Subset(
             ImageDataset(source, config.eval_transform(), draft_size=config.resize_size),
@@ -439,7 +452,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         show = self.progress is True or (self.progress == "auto" and len(indices) > 1000)
         bar = tqdm(total=len(indices), unit="img", disable=not show, desc="CNN codes")
         pos = 0
-        with torch.inference_mode(), runtime.autocast():
+        with torch.inference_mode(), runtime.autocast(), _eval_mode(module):
             prefetch = 2 if self.num_workers == 0 else 0
             for xb, _ in iterate_batches(loader, prefetch=prefetch):
                 with actionable_oom(self.batch_size):
@@ -457,7 +470,6 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             self._network()  # a pickle carries the weights: loading it needs no weights package
         state = self.__dict__.copy()
         state.pop("_extractor", None)  # device copies are rebuilt where it is loaded
-        state["_computation"] = None  # its token holds this process's storage addresses
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -467,11 +479,35 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
                          _stage_names=list(net.stage_names), _widths=net.widths,
                          _pooling=state["pooling"], _relu=bool(state["relu"]),
                          _computation=None)
+        if "stages_" in state:  # fitted before parameters were kept as at fit
+            state.setdefault("_pooling", state["pooling"])
+            state.setdefault("_relu", bool(state["relu"]))
         self.__dict__.update(state)
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Inference-mode activations (BatchNorm's running statistics), then the modes as they were.
+
+    On the CPU the extractor runs the fitted network itself, which a caller
+    fine-tuning ``backbone_`` may have left in training mode.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _still(source: ImageSource, index: int, key: bytes) -> bool:
-    """Does image ``index`` still have content key ``key``? (A vanished file has not.)"""
+    """Does file ``index`` still have content key ``key``? (A vanished one has not.)
+
+    Only files can change behind the transformer's back; in-memory images pass.
+    """
+    if not isinstance(source.item(index), (str, os.PathLike)):
+        return True
     try:
         return source.content_key(index) == key
     except (OSError, ValueError):

@@ -211,9 +211,35 @@ def test_codes_are_inference_mode_codes_even_if_the_network_was_left_training(tm
     for memory in (cache, None):
         tf = CNNFeatureTransformer(make_tiny_backbone(), memory=memory, progress=False).fit()
         tf.transform(X[:2])
-        tf.backbone_.train()  # BatchNorm would use the batch's statistics
+        net = tf.backbone_.train()  # BatchNorm would use the batch's statistics
         np.testing.assert_array_equal(tf.transform(X), plain(X=X))
+        # and the caller's network is left as it was (on the CPU the extractor runs it)
+        assert all(m.training for m in net.modules())
     np.testing.assert_array_equal(fresh_from(cache, X), plain(X=X))
+
+
+def test_a_handed_out_network_is_fingerprinted_once_per_transform(tmp_path, monkeypatch):
+    calls = []
+    real = backbones.module_fingerprint
+
+    def counting(module):
+        calls.append(type(module).__name__)
+        return real(module)
+
+    monkeypatch.setattr(backbones, "module_fingerprint", counting)
+    X = colour_images(3)
+    tf = CNNFeatureTransformer(make_tiny_backbone(), memory=tmp_path / "cache",
+                               progress=False).fit()
+    tf.backbone_  # noqa: B018 -- handed out: each transform must check it
+    calls.clear()
+    tf.transform(X[:2])  # misses: key, extraction, storing
+    assert calls == ["Backbone"]
+    calls.clear()
+    tf.transform(X[:2])  # all found
+    assert calls == ["Backbone"]
+    calls.clear()
+    tf.set_params(memory=None).transform(X)  # no cache, on the CPU: nothing to check
+    assert calls == []
 
 
 def test_parameters_changed_after_fit_take_effect_at_the_next_fit(tmp_path):
@@ -316,6 +342,11 @@ def test_pickles_from_before_the_lazy_build_still_load():
     loaded.__setstate__(old)
     np.testing.assert_array_equal(loaded.transform(X), tf.transform(X))
     assert loaded.get_feature_names_out()[0] == "head_avg_0"
+    # lazily built, but from before pooling and relu were kept as at fit
+    between = {k: v for k, v in state.items() if k not in ("_pooling", "_relu")}
+    loaded = CNNFeatureTransformer.__new__(CNNFeatureTransformer)
+    loaded.__setstate__(between)
+    np.testing.assert_array_equal(loaded.transform(X), tf.transform(X))
 
 
 def test_precision_found_without_torch_is_checked_once_the_network_runs(tmp_path, monkeypatch):
