@@ -477,9 +477,8 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             net = state.pop("backbone_")
             state.update(_spec=None, _net=net, _pristine=None, _exposed=True,
                          _stage_names=list(net.stage_names), _widths=net.widths,
-                         _pooling=state["pooling"], _relu=bool(state["relu"]),
                          _computation=None)
-        if "stages_" in state:  # fitted before parameters were kept as at fit
+        if "stages_" in state:  # fitted before pooling and relu were kept as at fit
             state.setdefault("_pooling", state["pooling"])
             state.setdefault("_relu", bool(state["relu"]))
         self.__dict__.update(state)
