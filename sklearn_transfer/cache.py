@@ -9,23 +9,20 @@ missing ones only.
 
 What a row is keyed by
 ----------------------
-* the **image's content**: the SHA-256 of the file's bytes (or of the
-  array's dtype, shape and bytes), never only its path, so an edited file is
-  recomputed and a copied one is found;
-* the **computation**: a SHA-256 over the backbone's name and weights
-  identity, the network itself, the stage indices, pooling, ReLU, the
-  preprocessing (:class:`~sklearn_transfer.catalog.DataConfig`), the numeric
-  precision and :data:`CODES_VERSION`, which is bumped whenever this library
-  changes how codes are computed. A built-in network
-  (:data:`~sklearn_transfer.catalog.BUILTIN`) that is as its weights file
-  gives it is identified by its name, the file's pinned SHA-256, its layout
-  and the version of the package defining its layers (timm or torchvision),
-  so a warm cache answers without building it; any other network by a
-  fingerprint of its architecture and every weight and buffer. Versions of
-  torch or Pillow are not part of the key: they change codes by rounding at
-  most; :meth:`FeatureCache.clear` starts afresh if wanted. Forward hooks
-  and patched ``forward`` methods are code the key cannot see: do not use a
-  cache with them.
+* the **image's content** (:func:`content_key`): the SHA-256 of the file's
+  bytes (or of the array's dtype, shape and bytes), never only its path, so
+  an edited file is recomputed and a copied one is found;
+* the **computation**: the :attr:`~sklearn_transfer.CodesComputation.key`
+  of the transformer's ``computation_``, fixed at ``fit``: a SHA-256 over the
+  network's architecture and every weight and buffer, the versions of the
+  packages defining its layers, the stages, pooling, ReLU, the preprocessing,
+  the numeric precision and
+  :data:`~sklearn_transfer.computation.CODES_VERSION`. Versions of torch or
+  Pillow are not part of the key: they change codes by rounding at most;
+  :meth:`FeatureCache.clear` starts afresh if wanted. Forward hooks, patched
+  ``forward`` methods and a network edited in place after ``fit`` are what
+  the key cannot see: refit after editing (or pass the edited module as
+  ``backbone=``), and do not use a cache with hooks.
 
 Codes read from the cache equal freshly computed ones bit for bit when the
 images were batched alike; on a CPU, other batch compositions can differ in
@@ -50,27 +47,32 @@ import hashlib
 import json
 import os
 import sqlite3
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from PIL import Image
+
+from sklearn_transfer.images import ImageSource, as_image_source, file_error
+
+if TYPE_CHECKING:
+    from sklearn_transfer.computation import CodesComputation
 
 __all__ = [
-    "CODES_VERSION",
     "CacheInfo",
     "FeatureCache",
     "as_feature_cache",
-    "describe_computation",
+    "content_key",
     "image_keys",
 ]
 
-#: Bumped whenever sklearn_transfer changes how codes are computed, so old rows go unused.
-CODES_VERSION = 2
 #: Layout of the database (stored as SQLite's ``user_version``).
 CACHE_FORMAT = 1
 DB_NAME = "sklearn_transfer_codes.sqlite3"
@@ -105,8 +107,83 @@ def _checksum(image: bytes, n_features: int, data: bytes) -> bytes:
     return h.digest()
 
 
+def content_key(source: ImageSource, index: int) -> bytes:
+    """SHA-256 of image ``index``'s content: the feature cache's key for it.
+
+    A file's bytes (not its path: an edited file gets a new key, a copied one
+    the same), or an in-memory image's mode/dtype, shape and pixels. A file is
+    read again only when it may have changed: within a process its key is
+    reused while its device, inode, size, modification and change times stay
+    the same.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_transfer.cache import content_key
+    >>> from sklearn_transfer.images import as_image_source
+    >>> source = as_image_source(np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    >>> content_key(source, 0) == content_key(source, 1)
+    True
+    """
+    item = source.item(index)
+    if source.kind == "items" and isinstance(item, (str, os.PathLike)):
+        return _file_key(item, index)
+    if isinstance(item, Image.Image):
+        head, data = f"pil:{item.mode}:{item.size}:", item.tobytes()
+    else:
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu().numpy()
+        arr = np.ascontiguousarray(item)
+        head, data = f"array:{arr.dtype}:{arr.shape}:", arr.tobytes()
+    return hashlib.sha256(head.encode() + data).digest()
+
+
+# A grid search keys the same files once per fold and candidate (61 times for 5 folds x 6
+# settings), and reading and hashing 2,000 JPEGs costs ~30 ms each time. So within a process
+# a file's key is reused while its (device, inode, size, mtime, ctime) are unchanged, git's
+# test for an unchanged file; on POSIX ctime cannot be set back by the user. As in git
+# ("racy git"), a file whose times were less than _SETTLED_NS old when it was hashed is not
+# remembered: rewritten within the file system's timestamp granularity, it could keep its
+# times. Not on Windows, where st_ctime is the (settable) creation time. Network file
+# systems may report stale times; the cache itself belongs on a local disk anyway.
+_FILE_KEYS: dict[str, tuple[tuple[int, ...], bytes]] = {}
+_FILE_KEYS_MAX = 1_000_000  # ~250 MB at most; then start afresh
+_SETTLED_NS = 2_000_000_000  # coarser than any local file system's timestamps
+
+
+def _stamp(name: str) -> tuple[int, ...]:
+    st = os.stat(name)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _file_key(item: str | os.PathLike, index: int) -> bytes:
+    """SHA-256 of ``b"file:"`` and the file's bytes, remembered while the file is unchanged."""
+    name = os.fspath(item)
+    try:
+        before = _stamp(name)
+        known = _FILE_KEYS.get(name)
+        if known is not None and known[0] == before:
+            return known[1]
+        started = time.time_ns()
+        digest = hashlib.sha256(b"file:")
+        with open(name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        after = _stamp(name)
+    except OSError as exc:
+        raise file_error(exc, item, index) from None
+    settled = max(before[3], before[4]) < started - _SETTLED_NS
+    if after == before and settled and sys.platform != "win32":
+        if len(_FILE_KEYS) >= _FILE_KEYS_MAX:
+            _FILE_KEYS.clear()
+        _FILE_KEYS[name] = (before, digest.digest())
+    return digest.digest()
+
+
+
+
 def image_keys(source: Any) -> list[bytes]:
-    """The content key (:meth:`ImageSource.content_key`) of every image.
+    """The :func:`content_key` of every image.
 
     Parameters
     ----------
@@ -128,77 +205,21 @@ def image_keys(source: Any) -> list[bytes]:
     >>> keys[0] == keys[1], keys[0] == keys[2], len(keys[0])
     (True, False, 32)
     """
-    from sklearn_transfer.images import as_image_source
-
     source = as_image_source(source)
-    return [source.content_key(i) for i in range(len(source))]
+    return [content_key(source, i) for i in range(len(source))]
 
 
-def describe_computation(
-    backbone: Any,
-    stages: Sequence[int],
-    pooling: str,
-    relu: bool,
-    precision: str,
-    fingerprint: str | None = None,
-) -> tuple[str, dict]:
-    """The key of one way of computing codes, and the description it hashes.
+def _unchanged(source: ImageSource, index: int, key: bytes) -> bool:
+    """Does image ``index`` still have content key ``key``? (A vanished file has not.)
 
-    Parameters
-    ----------
-    backbone : Backbone or BuiltinSpec
-        A catalogue entry stands for the built-in network exactly as its
-        weights file gives it (pass it only for such a network: nothing is
-        checked); a :class:`~sklearn_transfer.backbones.Backbone` is
-        fingerprinted, weights included.
-    stages : list of int
-        Resolved stage indices, in output order.
-    pooling : str
-    relu : bool
-    precision : str
-        ``"float32"``, or the autocast dtype (codes computed under float16
-        autocast differ from float32 ones, so they are kept apart).
-    fingerprint : str, optional
-        The Backbone's :func:`~sklearn_transfer.backbones.module_fingerprint`
-        if the caller has it already (it reads every weight).
-
-    Returns
-    -------
-    key : str
-        64 hex digits.
-    description : dict
-        What the key hashes, stored next to the rows for :meth:`FeatureCache.info`.
+    Only files can change behind the caller's back; in-memory images pass.
     """
-    from dataclasses import asdict
-
-    from sklearn_transfer.catalog import BuiltinSpec
-
-    if isinstance(backbone, BuiltinSpec):
-        weights_id = backbone.sha256
-        # the architecture is code: how this library builds it (its layout) and the version
-        # of the package defining its layers stand for it
-        network = f"builtin:{backbone.layout}:{backbone.architecture_version()}"
-    else:
-        from sklearn_transfer.backbones import module_fingerprint
-
-        weights_id = backbone.weights_id
-        # a Backbone built by hand may keep the default weights_id ("custom"), and a
-        # fitted one may have been modified since: the tensors themselves settle it
-        network = fingerprint or module_fingerprint(backbone)
-    description = {
-        "codes_version": CODES_VERSION,
-        "backbone": backbone.name,
-        "weights_id": weights_id,
-        "network": network,
-        "stages": [int(i) for i in stages],
-        "stage_names": [backbone.stage_names[i] for i in stages],
-        "pooling": pooling,
-        "relu": bool(relu),
-        "data_config": asdict(backbone.data_config),
-        "precision": precision,
-    }
-    text = json.dumps(description, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest(), description
+    if not isinstance(source.item(index), (str, os.PathLike)):
+        return True
+    try:
+        return content_key(source, index) == key
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -412,7 +433,7 @@ class FeatureCache:
         Parameters
         ----------
         config : str
-            The computation's key (see :func:`describe_computation`).
+            The computation's key (:attr:`~sklearn_transfer.CodesComputation.key`).
         keys : sequence of bytes
             Image keys (see :func:`image_keys`).
         n_features : int
@@ -518,6 +539,82 @@ class FeatureCache:
         # REPLACE: a row that failed its checksum is overwritten by the recomputed one;
         # two processes writing the same image write the same codes
         conn.executemany("INSERT OR REPLACE INTO codes VALUES (?, ?, ?, ?, ?)", rows)
+
+    # -------------------------------------------------- around a computation
+
+    def codes(
+        self,
+        computation: CodesComputation,
+        images: Any,
+        compute: Callable[[np.ndarray, Callable[[np.ndarray, np.ndarray], None]], np.ndarray],
+    ) -> np.ndarray:
+        """The codes of every image under ``computation``: read where stored, else computed.
+
+        Parameters
+        ----------
+        computation : CodesComputation
+            Its ``key`` and ``n_features`` name and size the rows.
+        images : ImageSource or images
+            Each is looked up by its :func:`content_key`; identical images
+            are computed once.
+        compute : callable
+            ``compute(indices, on_batch)`` returns the codes of
+            ``images[indices]`` and calls ``on_batch(positions, codes)``
+            after each batch (``positions`` into ``indices``), which stores
+            that batch in its own transaction: a run stopped half-way keeps
+            what it computed.
+
+        Returns
+        -------
+        ndarray of float32, shape (n_images, computation.n_features)
+
+        Notes
+        -----
+        An image whose file changed between its look-up and its decoding is
+        returned as decoded but not stored (its key named the old content).
+        Should storing fail (a full disk), the codes are still returned, with
+        one ``RuntimeWarning``.
+        """
+        source = as_image_source(images)
+        keys = image_keys(source)
+        first: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        unique = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+        width = computation.n_features
+        out = np.empty((len(source), width), dtype=np.float32)
+        with self._connect() as conn:
+            found = self.lookup(computation.key, [keys[i] for i in unique], width, conn=conn)
+            for pos, row in found.items():
+                out[unique[pos]] = row
+            missing = np.asarray([i for pos, i in enumerate(unique) if pos not in found],
+                                 dtype=np.int64)
+            if len(missing):
+                failed: list[Exception] = []
+
+                def store(positions: np.ndarray, codes: np.ndarray) -> None:
+                    if failed:
+                        return
+                    batch = missing[positions]
+                    same = [j for j, i in enumerate(batch) if _unchanged(source, int(i), keys[i])]
+                    if not same:
+                        return
+                    try:
+                        self.store(computation.key, [keys[batch[j]] for j in same],
+                                   codes[same], computation.describe(), conn=conn)
+                    except sqlite3.Error as exc:
+                        failed.append(exc)
+                        warnings.warn(
+                            f"could not store codes in the feature cache {str(self.path)!r} "
+                            f"({exc}); going on without storing them",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+
+                out[missing] = compute(missing, store)
+        if len(unique) < len(keys):
+            out[:] = out[[first[key] for key in keys]]
+        return out
 
     # ------------------------------------------------------------ housekeeping
 

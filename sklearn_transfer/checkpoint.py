@@ -38,6 +38,7 @@ from skorch.history import History
 from torch import nn
 
 from sklearn_transfer.backbones import module_fingerprint
+from sklearn_transfer.cache import content_key
 
 __all__ = ["FitCheckpoint", "describe_value", "run_fingerprint"]
 
@@ -112,7 +113,7 @@ def _data_digest(source: Any, y: np.ndarray) -> str:
                 stamp = "missing"  # the fit itself raises the error that names it
             h.update(f"file:{os.fspath(item)}:{stamp}\0".encode())
         else:
-            h.update(source.content_key(i))
+            h.update(content_key(source, i))
     h.update(json.dumps(np.asarray(y).astype(str).tolist()).encode())
     return h.hexdigest()
 

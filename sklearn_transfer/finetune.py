@@ -52,7 +52,8 @@ from skorch.utils import TeeGenerator, is_dataset
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from sklearn_transfer.backbones import Backbone, DataConfig, get_backbone
+from sklearn_transfer.backbones import Backbone, get_backbone
+from sklearn_transfer.preprocessing import DataConfig
 from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
 from sklearn_transfer.checkpoint import FitCheckpoint
 from sklearn_transfer.images import as_image_source
@@ -850,18 +851,13 @@ use_caching, torch_load_kwargs
         """Images -> a dataset with the evaluation transform (validation, prediction)."""
         if is_dataset(X):
             return X
-        config = self._data_config()
-        return ImageDataset(as_image_source(X), config.eval_transform(), targets=y,
-                            draft_size=config.resize_size)
+        return ImageDataset(X, self._data_config(), targets=y)
 
     def get_split_datasets(self, X: Any, y: Any = None, **fit_params: Any) -> tuple[Any, Any]:
         """Training data augmented; the validation split with the evaluation transform."""
         config = self._data_config()
         source = as_image_source(X)
-        options = _augment_kwargs(self.augment)
-        transform = config.eval_transform() if options is None else \
-            config.train_transform(**options)
-        train = ImageDataset(source, transform, targets=y, draft_size=config.resize_size)
+        train = ImageDataset(source, config, targets=y, augment=self.augment)
         if not self.train_split:
             return train, None
         try:
@@ -873,8 +869,7 @@ use_caching, torch_load_kwargs
                 "train_split=None to train without validation"
             ) from None
         if isinstance(ds_valid, Subset) and ds_valid.dataset is train:
-            plain = ImageDataset(source, config.eval_transform(), targets=y,
-                                 draft_size=config.resize_size)
+            plain = ImageDataset(source, config, targets=y)
             ds_valid = Subset(plain, ds_valid.indices)
         return ds_train, ds_valid
 

@@ -22,10 +22,8 @@ batches for the networks.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "ImageSource", "as_image_source", "load_image_folder"]
+__all__ = ["ImageLoadError", "ImageSource", "as_image_source", "file_error", "load_image_folder"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
                   ".gif")
@@ -189,71 +187,9 @@ class ImageSource:
             return _array_to_pil(self.data[index].numpy(), index, channels_first=True)
         return load_item(self.data[index], index, draft_size)
 
-    def content_key(self, index: int) -> bytes:
-        """SHA-256 of the image's content (the feature cache's key for it).
 
-        A file's bytes (not its path: an edited file gets a new key, a
-        copied one the same), or an in-memory image's mode/dtype, shape and
-        pixels. A file is read again only when it may have changed: within a
-        process its key is reused while its device, inode, size, modification
-        and change times stay the same.
-        """
-        item = self.data[index]
-        if self.kind == "items" and isinstance(item, (str, os.PathLike)):
-            return _file_key(item, index)
-        if isinstance(item, Image.Image):
-            head, data = f"pil:{item.mode}:{item.size}:", item.tobytes()
-        else:
-            if _is_tensor(item):
-                item = item.detach().cpu().numpy()
-            arr = np.ascontiguousarray(item)
-            head, data = f"array:{arr.dtype}:{arr.shape}:", arr.tobytes()
-        return hashlib.sha256(head.encode() + data).digest()
-
-
-# A grid search keys the same files once per fold and candidate (61 times for 5 folds x 6
-# settings), and reading and hashing 2,000 JPEGs costs ~30 ms each time. So within a process
-# a file's key is reused while its (device, inode, size, mtime, ctime) are unchanged, git's
-# test for an unchanged file; on POSIX ctime cannot be set back by the user. As in git
-# ("racy git"), a file whose times were less than _SETTLED_NS old when it was hashed is not
-# remembered: rewritten within the file system's timestamp granularity, it could keep its
-# times. Not on Windows, where st_ctime is the (settable) creation time. Network file
-# systems may report stale times; the cache itself belongs on a local disk anyway.
-_FILE_KEYS: dict[str, tuple[tuple[int, ...], bytes]] = {}
-_FILE_KEYS_MAX = 1_000_000  # ~250 MB at most; then start afresh
-_SETTLED_NS = 2_000_000_000  # coarser than any local file system's timestamps
-
-
-def _stamp(name: str) -> tuple[int, ...]:
-    st = os.stat(name)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _file_key(item: str | os.PathLike, index: int) -> bytes:
-    """SHA-256 of ``b"file:"`` and the file's bytes, remembered while the file is unchanged."""
-    name = os.fspath(item)
-    try:
-        before = _stamp(name)
-        known = _FILE_KEYS.get(name)
-        if known is not None and known[0] == before:
-            return known[1]
-        started = time.time_ns()
-        digest = hashlib.sha256(b"file:")
-        with open(name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        after = _stamp(name)
-    except OSError as exc:
-        raise _file_error(exc, item, index) from None
-    settled = max(before[3], before[4]) < started - _SETTLED_NS
-    if after == before and settled and sys.platform != "win32":
-        if len(_FILE_KEYS) >= _FILE_KEYS_MAX:
-            _FILE_KEYS.clear()
-        _FILE_KEYS[name] = (before, digest.digest())
-    return digest.digest()
-
-
-def _file_error(exc: BaseException, item: Any, index: int) -> Exception:
+def file_error(exc: BaseException, item: Any, index: int) -> Exception:
+    """The error that tells the user what is wrong with image file ``item`` at ``index``."""
     where = f"image file {os.fspath(item)!r} (index {index})"
     if isinstance(exc, FileNotFoundError):
         return FileNotFoundError(f"{where} does not exist")
@@ -286,7 +222,7 @@ def load_item(item: Any, index: int, draft_size: int | None = None) -> Image.Ima
         try:
             return open_image(item, draft_size)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise _file_error(exc, item, index) from None
+            raise file_error(exc, item, index) from None
     if isinstance(item, Image.Image):
         try:
             item.load()

@@ -1,38 +1,31 @@
-"""Where and how computation runs: device, precision, threads and seeds.
+"""Where and how computation runs: device, precision and random states.
 
 Every estimator asks this module, so that "auto" means the same thing
 everywhere and the CUDA-only switches (pinned memory, autocast,
-non-blocking copies) are decided in one place. torch is imported when first
-needed: :func:`autocast_dtype` can often answer without it, which lets a
-transformer serve codes from a warm cache without importing torch at all.
+non-blocking copies) are decided in one place; seeding and saving or
+restoring the random states of Python, NumPy and torch live here too.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import ctypes
-import functools
-import importlib.util
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
+import torch
 
 __all__ = [
     "Runtime",
     "actionable_oom",
-    "autocast_dtype",
+    "capture_rng",
     "resolve_device",
+    "restore_rng",
     "seed_everything",
     "seed_worker",
+    "seeded",
 ]
 
 
@@ -55,8 +48,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     >>> resolve_device("cpu")
     device(type='cpu')
     """
-    import torch
-
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -71,70 +62,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             "to fall back to the CPU."
         )
     return dev
-
-
-def autocast_dtype(device: str | torch.device | None = "auto") -> str | None:
-    """The autocast dtype ``Runtime.from_device(device)`` would use, by name.
-
-    ``"float16"`` on CUDA, ``None`` elsewhere. Answered without importing
-    torch where that is certain: ``"cpu"``, or ``"auto"`` when torch is a CPU
-    build or no CUDA driver library can be loaded (then torch sees no GPU
-    either). Otherwise torch is imported and asked.
-
-    Parameters
-    ----------
-    device : {"auto", "cpu", "cuda", "cuda:N", "mps"} or torch.device
-
-    Returns
-    -------
-    str or None
-
-    Examples
-    --------
-    >>> from sklearn_transfer.runtime import autocast_dtype
-    >>> autocast_dtype("cpu") is None
-    True
-    """
-    if isinstance(device, str) and device == "cpu":
-        return None
-    if (device is None or isinstance(device, str) and device == "auto") and (
-            "torch" not in sys.modules and not _torch_may_see_cuda()):
-        return None
-    amp = Runtime.from_device(device).amp_dtype
-    return None if amp is None else str(amp).removeprefix("torch.")
-
-
-@functools.cache  # an installation does not change under a running process
-def _torch_may_see_cuda() -> bool:
-    """False when torch, once imported, certainly reports no CUDA device; else True.
-
-    Reads torch's generated ``version.py`` (a CPU build says ``cuda = None``)
-    and tries to load the CUDA driver library, which torch needs for any GPU.
-    Nothing is initialised, so this is safe before forking workers.
-    """
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        return True  # let the import say what is wrong
-    try:
-        tree = ast.parse((Path(list(spec.submodule_search_locations)[0]) / "version.py")
-                         .read_text())
-        built: dict[str, object] = {}
-        for node in tree.body:
-            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(
-                node, "target", None)
-            if isinstance(target, ast.Name) and target.id in ("cuda", "hip"):
-                built[target.id] = ast.literal_eval(node.value)
-    except (OSError, SyntaxError, ValueError, IndexError):
-        return True
-    if set(built) != {"cuda", "hip"} or built["hip"] is not None:
-        return True  # unknown layout, or ROCm: torch.cuda there is HIP; ask torch
-    if built["cuda"] is None or sys.platform == "darwin":
-        return False
-    try:
-        ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
-    except OSError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -161,8 +88,6 @@ class Runtime:
 
     @classmethod
     def from_device(cls, device: str | torch.device | None = "auto") -> Runtime:
-        import torch
-
         dev = resolve_device(device)
         cuda = dev.type == "cuda"
         return cls(
@@ -172,13 +97,17 @@ class Runtime:
             amp_dtype=torch.float16 if cuda else None,
         )
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast on CUDA, a no-op elsewhere."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        import torch
+    @property
+    def precision(self) -> str:
+        """``"float16"`` (autocast) on CUDA, ``"float32"`` elsewhere."""
+        return "float32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
 
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+    def autocast(self, precision: str | None = None) -> contextlib.AbstractContextManager:
+        """Autocast to ``precision`` (default: :attr:`precision`); float32 is a no-op."""
+        precision = self.precision if precision is None else precision
+        if precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, precision))
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=self.non_blocking)
@@ -198,8 +127,6 @@ def seed_everything(random_state: int | np.random.RandomState | None) -> torch.G
     """
     if random_state is None:
         return None
-    import torch
-
     if isinstance(random_state, np.random.RandomState):
         seed = int(random_state.randint(0, 2**31 - 1))
     else:
@@ -220,11 +147,75 @@ def seed_worker(worker_id: int) -> None:
     and NumPy are not, so augmentations using them would repeat across
     workers and runs without this.
     """
-    import torch
-
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)  # noqa: NPY002
     random.seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The random states of Python, NumPy and torch (CPU and CUDA), as plain values.
+
+    Only tensors, numbers, strings and containers: the result can be written
+    with ``torch.save`` and read back with ``torch.load(weights_only=True)``.
+
+    Examples
+    --------
+    >>> import random
+    >>> from sklearn_transfer.runtime import capture_rng, restore_rng
+    >>> state = capture_rng()
+    >>> a = random.random()
+    >>> restore_rng(state)
+    >>> random.random() == a
+    True
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set the random states :func:`capture_rng` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32),  # noqa: NPY002
+                         numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def seeded(random_state: int | np.random.RandomState | None) -> Iterator[None]:
+    """Seed every RNG for the block (``None``: leave them alone), then restore the caller's.
+
+    Examples
+    --------
+    >>> import random
+    >>> from sklearn_transfer.runtime import seeded
+    >>> with seeded(0):
+    ...     a = random.random()
+    >>> with seeded(0):
+    ...     b = random.random()
+    >>> a == b
+    True
+    """
+    if random_state is None:  # unseeded work draws from, and advances, the caller's RNGs
+        yield
+        return
+    state = capture_rng()
+    seed_everything(random_state)
+    try:
+        yield
+    finally:
+        restore_rng(state)
 
 
 @contextlib.contextmanager
@@ -256,8 +247,6 @@ def actionable_oom(batch_size: int, parameter: str = "batch_size",
     ...     print(str(exc)[:72])
     the GPU ran out of memory on a batch of 64 images (batch_size=64): lower
     """
-    import torch
-
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:

@@ -1,0 +1,249 @@
+"""What decides a set of CNN codes, as one value: :class:`CodesComputation` and its key.
+
+A fitted :class:`~sklearn_transfer.CNNFeatureTransformer` resolves, at
+``fit``, everything that changes its codes into a :class:`CodesComputation`:
+the network (its architecture and every weight, fingerprinted once), the
+stages read, pooling, ReLU, the preprocessing and the numeric precision.
+The value is immutable and picklable, and its :attr:`~CodesComputation.key`
+names its codes in a :class:`~sklearn_transfer.FeatureCache`. Changing any
+of it means ``set_params`` and a new ``fit``, as everywhere in scikit-learn.
+
+:class:`CodesExtractor` is the module that carries a computation out:
+uint8 images in, pooled codes out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from sklearn_transfer.backbones import Backbone, get_backbone, module_fingerprint
+from sklearn_transfer.preprocessing import DataConfig
+
+__all__ = ["CODES_VERSION", "POOLINGS", "CodesComputation", "CodesExtractor"]
+
+#: Bumped whenever sklearn_transfer changes how codes are computed, so old cache rows go unused.
+CODES_VERSION = 3
+POOLINGS = ("avg", "max", "avgmax", "catavgmax")
+
+
+class CodesExtractor(nn.Module):
+    """uint8 images -> concatenated pooled codes of some stages of a backbone.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    stages : list of int
+        Stage indices to read, in output order.
+    pooling : {"avg", "max", "avgmax", "catavgmax"}
+        timm's adaptive pooling: ``avgmax`` is the mean of both, ``catavgmax``
+        their concatenation.
+    relu : bool
+        Apply ReLU before pooling; intermediate stages of inverted-residual
+        networks end in a linear bottleneck, so their raw outputs are signed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_transfer import Backbone, DataConfig
+    >>> from sklearn_transfer.computation import CodesExtractor
+    >>> net = Backbone([("conv", nn.Conv2d(3, 8, 3))], DataConfig(input_size=32))
+    >>> CodesExtractor(net, [0], "catavgmax", relu=True)(
+    ...     torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
+    torch.Size([2, 16])
+    """
+
+    def __init__(self, backbone: Backbone, stages: Sequence[int], pooling: str, relu: bool):
+        super().__init__()
+        from timm.layers import SelectAdaptivePool2d
+
+        self.backbone = backbone
+        self.stage_indices = list(stages)
+        self.pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = self.backbone.forward_stages(x, self.stage_indices)
+        codes = []
+        for out in outs:
+            if self.relu:
+                out = torch.relu(out)
+            codes.append(self.pool(out) if out.ndim == 4 else out.flatten(1))
+        return torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]
+
+
+def _defining_packages(network: nn.Module) -> dict[str, str]:
+    """Versions of the packages whose classes make up ``network`` (timm, torchvision, ...).
+
+    Their code (padding rules, activations) decides the codes as much as the
+    weights do; torch itself is left out, as its versions change codes by
+    rounding at most.
+    """
+    names = {type(m).__module__.split(".")[0] for m in network.modules()}
+    versions = {}
+    for name in sorted(names - {"torch", "builtins", "sklearn_transfer", "__main__"}):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+@dataclass(frozen=True, eq=False)
+class CodesComputation:
+    """One way of computing CNN codes, resolved: the network, stages, pooling, precision.
+
+    Build it with :meth:`of`; a fitted transformer keeps it as
+    ``computation_``. Two computations are equal when their keys are.
+
+    Attributes
+    ----------
+    backbone : str or Backbone
+        A name :func:`~sklearn_transfer.get_backbone` builds (with ``weights``),
+        or the network itself.
+    weights : str or None
+        ``"pretrained"`` or a weights file, with a name; ``None`` with a network.
+    stages : tuple of int
+        Stage indices read, in output order.
+    pooling : str
+    relu : bool
+    precision : {"float32", "float16"}
+        ``"float16"``: float16 autocast (what CUDA runs); codes differ from
+        float32 ones in the last digits, so they are kept apart.
+    name : str
+        The network's readable name.
+    stage_names : tuple of str
+        Names of all the network's stages.
+    widths : tuple of int
+        Channels after each of the network's stages.
+    data_config : DataConfig
+        The preprocessing.
+    fingerprint : str
+        :func:`~sklearn_transfer.backbones.module_fingerprint` of the network
+        (architecture and every weight and buffer) at ``fit``.
+    packages : dict of str to str
+        Versions of the packages whose classes make up the network.
+    key : str
+        SHA-256 of all of the above but the display-only fields: what a
+        :class:`~sklearn_transfer.FeatureCache` stores the codes under.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from sklearn_transfer import Backbone, DataConfig
+    >>> from sklearn_transfer.computation import CodesComputation
+    >>> net = Backbone([("conv", nn.Conv2d(3, 8, 3))], DataConfig(input_size=32), name="tiny")
+    >>> c = CodesComputation.of(net, stages=[0], pooling="catavgmax")
+    >>> c.n_features, c.feature_names()[:2], len(c.key)
+    (16, ['conv_avg_0', 'conv_avg_1'], 64)
+    """
+
+    backbone: str | Backbone
+    weights: str | None
+    stages: tuple[int, ...]
+    pooling: str
+    relu: bool
+    precision: str
+    name: str
+    stage_names: tuple[str, ...]
+    widths: tuple[int, ...]
+    data_config: DataConfig
+    fingerprint: str
+    packages: dict[str, str]
+    key: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        text = json.dumps(self.describe(), sort_keys=True)
+        object.__setattr__(self, "key", hashlib.sha256(text.encode()).hexdigest())
+
+    @classmethod
+    def of(cls, network: Backbone, stages: Sequence[int], pooling: str = "avg",
+           relu: bool = True, precision: str = "float32", backbone: str | None = None,
+           weights: str | None = None) -> CodesComputation:
+        """The computation of ``network``'s codes as it is now.
+
+        Parameters
+        ----------
+        network : Backbone
+            Fingerprinted here (every weight is read once).
+        stages : list of int
+            Resolved stage indices.
+        pooling, relu, precision
+            See the class attributes.
+        backbone, weights : str, optional
+            The name and weights (``"pretrained"`` or a file) ``network`` was
+            built from, if any: a worker given the computation can then build
+            the network itself. Without them the computation holds ``network``.
+        """
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+        return cls(
+            backbone=network if backbone is None else backbone,
+            weights=None if weights is None else str(weights),
+            stages=tuple(int(i) for i in stages),
+            pooling=pooling,
+            relu=bool(relu),
+            precision=precision,
+            name=network.name,
+            stage_names=tuple(network.stage_names),
+            widths=tuple(network.widths),
+            data_config=network.data_config,
+            fingerprint=module_fingerprint(network),
+            packages=_defining_packages(network),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CodesComputation) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:
+        stages = [self.stage_names[i] for i in self.stages]
+        return (f"CodesComputation({self.name}, stages={stages}, pooling={self.pooling!r}, "
+                f"relu={self.relu}, precision={self.precision!r}, key={self.key[:12]}…)")
+
+    @property
+    def n_features(self) -> int:
+        """Width of the codes."""
+        factor = 2 if self.pooling == "catavgmax" else 1
+        return sum(self.widths[i] for i in self.stages) * factor
+
+    def feature_names(self) -> list[str]:
+        """``"{stage}_{pool}_{channel}"`` for every column of the codes."""
+        pools = ["avg", "max"] if self.pooling == "catavgmax" else [self.pooling]
+        return [f"{self.stage_names[i]}_{pool}_{c}"
+                for i in self.stages for pool in pools for c in range(self.widths[i])]
+
+    def describe(self) -> dict:
+        """What the key hashes, as plain JSON values (shown by ``FeatureCache.info``)."""
+        return {
+            "codes_version": CODES_VERSION,
+            "backbone": self.name,
+            "network": self.fingerprint,
+            "packages": self.packages,
+            "stages": list(self.stages),
+            "stage_names": [self.stage_names[i] for i in self.stages],
+            "pooling": self.pooling,
+            "relu": self.relu,
+            "data_config": asdict(self.data_config),
+            "precision": self.precision,
+        }
+
+    def network(self) -> Backbone:
+        """The network: built from its name (a worker's own copy), or the one held."""
+        if isinstance(self.backbone, Backbone):
+            return self.backbone
+        return get_backbone(self.backbone, weights=self.weights)
+
+    def extractor(self, network: Backbone | None = None) -> CodesExtractor:
+        """The module computing these codes, on ``network`` (default: :meth:`network`)."""
+        return CodesExtractor(self.network() if network is None else network,
+                              self.stages, self.pooling, self.relu)
