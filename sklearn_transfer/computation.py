@@ -14,6 +14,7 @@ uint8 images in, pooled codes out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -79,20 +80,25 @@ class CodesExtractor(nn.Module):
         return torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]
 
 
+@functools.cache  # the installed distributions do not change under a running process
+def _distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
 def _defining_packages(network: nn.Module) -> dict[str, str]:
-    """Versions of the packages whose classes make up ``network`` (timm, torchvision, ...).
+    """Versions of the installed packages whose classes make up ``network`` (timm, ...).
 
     Their code (padding rules, activations) decides the codes as much as the
-    weights do; torch itself is left out, as its versions change codes by
-    rounding at most.
+    weights do. torch itself is left out, as its versions change codes by
+    rounding at most, and so is code that is not an installed distribution
+    (a script's or test's own classes, which the architecture fingerprint
+    covers).
     """
-    names = {type(m).__module__.split(".")[0] for m in network.modules()}
+    tops = {type(m).__module__.split(".")[0] for m in network.modules()} - {"torch"}
     versions = {}
-    for name in sorted(names - {"torch", "builtins", "sklearn_transfer", "__main__"}):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "unknown"
+    for top in sorted(tops):
+        for dist in _distributions().get(top, []):
+            versions[dist] = importlib.metadata.version(dist)
     return versions
 
 

@@ -20,6 +20,7 @@ estimator fitted on your own ``nn.Module`` is loaded by passing that module
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import zipfile
@@ -27,6 +28,7 @@ import zipfile
 import skops.io as sio
 from torch import nn
 
+from sklearn_transfer.backbones import get_backbone
 from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.finetune import FineTunedClassifier
 
@@ -87,7 +89,7 @@ def dump(estimator: FineTunedClassifier | CNNFeatureTransformer,
                   "class_weight_": estimator.class_weight_}
         module = estimator.module_
     else:
-        if not hasattr(estimator, "backbone_"):
+        if not hasattr(estimator, "computation_"):
             raise ValueError("the CNNFeatureTransformer is not fitted: call fit() before dump")
         memory = params.get("memory")
         if memory is not None and not isinstance(memory, (str, os.PathLike)):
@@ -176,18 +178,27 @@ def load(path: str | os.PathLike, backbone: nn.Module | None = None,
             for key, value in skeleton["fitted"].items():
                 setattr(estimator, key, value)
             estimator.initialize()
-            target = estimator.module_
+            _load_weights(estimator.module_, weights, path)
         else:
+            # the network with the file's weights is what fit resolves the computation from;
+            # a module passed here is the caller's: copied, not overwritten
+            network = get_backbone(copy.deepcopy(net) if isinstance(net, nn.Module) else net,
+                                   weights=None)
+            _load_weights(network, weights, path)
+            estimator.backbone = network
             estimator.fit()
-            target = estimator.backbone_
-        try:
-            target.load_state_dict(weights, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"the weights in {os.fspath(path)!r} do not fit the backbone: "
-                + " ".join(str(exc).splitlines()[:3])
-            ) from None
     finally:
+        estimator.backbone = net
         estimator.weights = params["weights"]
     return estimator
+
+
+def _load_weights(module: nn.Module, weights: dict, path: str | os.PathLike) -> None:
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the weights in {os.fspath(path)!r} do not fit the backbone: "
+            + " ".join(str(exc).splitlines()[:3])
+        ) from None
 

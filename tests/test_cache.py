@@ -283,7 +283,7 @@ def _sha(path: str) -> bytes:
 
 def test_unchanged_files_are_read_once_per_process_and_changes_always_seen(
         tmp_path, monkeypatch):
-    from sklearn_transfer import images
+    from sklearn_transfer import cache as images
 
     monkeypatch.setattr(images, "_FILE_KEYS", {})
     monkeypatch.setattr(images, "_SETTLED_NS", 0)  # as if the files were old
@@ -315,12 +315,38 @@ def test_unchanged_files_are_read_once_per_process_and_changes_always_seen(
 
 def test_files_changed_too_recently_to_trust_their_times_are_not_remembered(
         tmp_path, monkeypatch):
-    from sklearn_transfer import images
+    from sklearn_transfer import cache as images
 
     monkeypatch.setattr(images, "_FILE_KEYS", {})
     X, _ = write_images(tmp_path / "img", n=2)  # written just now: within _SETTLED_NS
     assert image_keys(X) == [_sha(p) for p in X]
     assert images._FILE_KEYS == {}
+
+
+def test_a_file_rewritten_during_a_transform_is_not_stored_under_its_old_key(
+        tmp_path, monkeypatch):
+    from sklearn_transfer import cache as cache_module
+
+    X, _ = write_images(tmp_path / "img", n=3)
+    original = Path(X[1]).read_bytes()
+    expected = transformer().fit().transform(X)
+    real_keys = cache_module.image_keys
+
+    def keys_then_rewrite(source):  # the file changes after its look-up, before decoding
+        keys = real_keys(source)
+        Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(X[1])
+        return keys
+
+    monkeypatch.setattr(cache_module, "image_keys", keys_then_rewrite)
+    out = transformer(tmp_path / "cache").fit().transform(X)
+    np.testing.assert_array_equal(out, transformer().fit().transform(X))  # the new picture's
+    assert FeatureCache(tmp_path / "cache").info().entries == 2
+    monkeypatch.undo()
+    Path(X[1]).write_bytes(original)
+    CountingConv.reset()
+    again = transformer(tmp_path / "cache").fit().transform(X)
+    assert CountingConv.images == 1  # computed afresh, not the rewritten picture's codes
+    np.testing.assert_array_equal(again, expected)
 
 
 # ------------------------------------------------------------- processes, crashes
@@ -477,7 +503,7 @@ def test_cache_pickles_and_clones_as_its_path(tmp_path):
 
 
 def test_bad_memory_parameters_are_named(tmp_path):
-    with pytest.raises(TypeError, match="memory=42 must be None, a directory path"):
+    with pytest.raises(ValueError, match="'memory' parameter .* Got 42"):
         transformer(42).fit()
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="exists and is not a directory"):

