@@ -27,8 +27,7 @@ from torch import nn
 
 from sklearn_transfer import FineTunedClassifier, get_backbone, load_image_folder
 from sklearn_transfer.batches import ImageDataset, collate_images
-from sklearn_transfer.finetune import FineTuneModule, _augment_kwargs, resolve_freeze_depth
-from sklearn_transfer.images import as_image_source
+from sklearn_transfer.finetune import FineTuneModule, resolve_freeze_depth
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SKLEARN_TRANSFER_DATA", ROOT.parent / "shared" / "data"))
@@ -48,9 +47,7 @@ def hand_written(X, y, args):
                                   lr=1e-3)
     config = backbone.data_config
     # the estimator's default augmentation (augment=True)
-    dataset = ImageDataset(as_image_source(X), config.train_transform(**_augment_kwargs(True)),
-                           targets=y,
-                           draft_size=config.resize_size)
+    dataset = ImageDataset(X, config, targets=y, augment=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                          collate_fn=collate_images)
     loss_fn = nn.CrossEntropyLoss()

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from sklearn_transfer import CNNFeatureTransformer, load_image_folder
-from sklearn_transfer.backbones import CodesExtractor
+from sklearn_transfer.computation import CodesExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
 
     # the same module the transformer runs: channels_last, inference mode
-    _, fast = tf._runtime_extractor()
+    fast = tf.computation_.extractor(net).to(memory_format=torch.channels_last).eval()
 
     # (b) tutorial: plain module (contiguous layout), float normalisation in ToTensor/Normalize
     from torchvision import datasets

@@ -42,7 +42,6 @@ __all__ = [
     "Backbone",
     "PackagedWeights",
     "WeightsUnavailableError",
-    "architecture_digest",
     "available_backbones",
     "get_backbone",
     "load_checkpoint",
@@ -331,31 +330,6 @@ def module_fingerprint(module: nn.Module) -> str:
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"\0{name}:{t.dtype}:{tuple(tensor.shape)}:".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def architecture_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's layout: its submodules' names and classes, its tensors' shapes.
-
-    Unlike :func:`module_fingerprint` it reads no weight values, and it
-    changes when this library builds or cuts a network differently (another
-    stage grouping, other layers); :data:`sklearn_transfer.catalog.BUILTIN`
-    records it for every built-in network.
-
-    Examples
-    --------
-    >>> from torch import nn
-    >>> from sklearn_transfer.backbones import architecture_digest
-    >>> architecture_digest(nn.Conv2d(3, 4, 3)) == architecture_digest(nn.Conv2d(3, 4, 3))
-    True
-    >>> architecture_digest(nn.Conv2d(3, 4, 3)) == architecture_digest(nn.Conv2d(3, 4, 5))
-    False
-    """
-    h = hashlib.sha256()
-    for name, sub in module.named_modules():
-        h.update(f"{name}:{type(sub).__qualname__}\0".encode())
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
     return h.hexdigest()
 
 

