@@ -43,6 +43,7 @@ a network file system (NFS, SMB): SQLite's locking is unreliable there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -60,12 +61,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sklearn_transfer.images import ImageSource, as_image_source, file_error
+from sklearn_transfer.images import ImageSource, as_image_source, file_error, regular_file
 
 if TYPE_CHECKING:
     from sklearn_transfer.computation import CodesComputation
 
 __all__ = [
+    "CacheDamagedError",
     "CacheInfo",
     "FeatureCache",
     "as_feature_cache",
@@ -97,6 +99,15 @@ CREATE TABLE IF NOT EXISTS codes (
     PRIMARY KEY (config, image)
 );
 """
+
+
+class CacheDamagedError(ValueError):
+    """The feature cache's database file is damaged; the message says how to start afresh."""
+
+
+def _damaged(exc: sqlite3.Error) -> bool:
+    """Is this SQLite's word for a file it cannot read as a database?"""
+    return "malformed" in str(exc) or "not a database" in str(exc)
 
 
 def _checksum(image: bytes, n_features: int, data: bytes) -> bytes:
@@ -151,8 +162,8 @@ _FILE_KEYS_MAX = 1_000_000  # ~250 MB at most; then start afresh
 _SETTLED_NS = 2_000_000_000  # coarser than any local file system's timestamps
 
 
-def _stamp(name: str) -> tuple[int, ...]:
-    st = os.stat(name)
+def _stamp(name: str, index: int) -> tuple[int, ...]:
+    st = regular_file(name, index)  # a pipe or a device would never end
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -160,7 +171,7 @@ def _file_key(item: str | os.PathLike, index: int) -> bytes:
     """SHA-256 of ``b"file:"`` and the file's bytes, remembered while the file is unchanged."""
     name = os.fspath(item)
     try:
-        before = _stamp(name)
+        before = _stamp(name, index)
         known = _FILE_KEYS.get(name)
         if known is not None and known[0] == before:
             return known[1]
@@ -169,7 +180,7 @@ def _file_key(item: str | os.PathLike, index: int) -> bytes:
         with open(name, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-        after = _stamp(name)
+        after = _stamp(name, index)
     except OSError as exc:
         raise file_error(exc, item, index) from None
     settled = max(before[3], before[4]) < started - _SETTLED_NS
@@ -363,22 +374,62 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        """One connection: WAL mode, busy timeout, schema checked; closed on exit."""
+        """One connection: WAL mode, busy timeout, schema checked; closed on exit.
+
+        A database file that SQLite cannot read (overwritten, not a database)
+        is set aside and a fresh one created (see :meth:`_set_aside`).
+        """
         self._make_directory()
-        try:
-            # isolation_level=None: no implicit transactions, ours are explicit
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise self._not_writable(exc) from None
-        try:
-            self._prepare(conn)
-            yield conn
-        except sqlite3.OperationalError as exc:
-            if "readonly" in str(exc) or "unable to open" in str(exc):
+        for attempt in range(2):
+            try:
+                # isolation_level=None: no implicit transactions, ours are explicit
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            except sqlite3.Error as exc:
                 raise self._not_writable(exc) from None
-            raise
+            try:
+                self._prepare(conn)
+                break
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                if _damaged(exc) and attempt == 0:
+                    self._set_aside(exc)
+                    continue
+                raise self._explained(exc) from None
+        try:
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            raise self._explained(exc) from None
         finally:
             conn.close()
+
+    def _explained(self, exc: sqlite3.Error) -> Exception:
+        """An SQLite error as one that names the cache and what to do; others unchanged."""
+        text = str(exc)
+        if "readonly" in text or "unable to open" in text:
+            return self._not_writable(exc)
+        if "full" in text:
+            return OSError(errno.ENOSPC, f"the disk holding the feature cache directory "
+                           f"{str(self.path.parent)!r} is full ({text}); free space, or pass "
+                           "another directory as memory=..., or memory=None")
+        if _damaged(exc):
+            return CacheDamagedError(f"the feature cache {str(self.path)!r} is damaged ({text}); "
+                                     f"FeatureCache({self.directory!r}).clear() sets it aside "
+                                     "and starts afresh")
+        return exc
+
+    def _set_aside(self, exc: BaseException) -> None:
+        """Move a damaged database (and its log) out of the way, warning where it went."""
+        target = f"{self.path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns()}"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}{suffix}", f"{target}{suffix}")
+        warnings.warn(
+            f"the feature cache {str(self.path)!r} is damaged ({exc}); it was moved to "
+            f"{target!r} and a fresh cache is used (delete the old file once you no longer "
+            "need it)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -410,7 +461,9 @@ class FeatureCache:
                     conn.execute(f"PRAGMA user_version = {CACHE_FORMAT}")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk): nothing left to undo
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
                 raise
             return
         raise ValueError(
@@ -583,13 +636,24 @@ class FeatureCache:
         unique = np.fromiter(first.values(), dtype=np.int64, count=len(first))
         width = computation.n_features
         out = np.empty((len(source), width), dtype=np.float32)
-        with self._connect() as conn:
-            found = self.lookup(computation.key, [keys[i] for i in unique], width, conn=conn)
-            for pos, row in found.items():
-                out[unique[pos]] = row
-            missing = np.asarray([i for pos, i in enumerate(unique) if pos not in found],
-                                 dtype=np.int64)
-            if len(missing):
+        found: dict[int, np.ndarray] = {}
+        try:
+            with self._connect() as conn:
+                found = self.lookup(computation.key, [keys[i] for i in unique], width, conn=conn)
+        except CacheDamagedError as exc:  # damaged beyond its first page
+            self._set_aside(exc)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            warnings.warn(f"{exc}; computing the codes without storing them", RuntimeWarning,
+                          stacklevel=3)
+            return compute(np.arange(len(source)), None)
+        for pos, row in found.items():
+            out[unique[pos]] = row
+        missing = np.asarray([i for pos, i in enumerate(unique) if pos not in found],
+                             dtype=np.int64)
+        if len(missing):
+            with self._connect() as conn:
                 failed: list[Exception] = []
 
                 def store(positions: np.ndarray, codes: np.ndarray) -> None:
@@ -603,10 +667,10 @@ class FeatureCache:
                         self.store(computation.key, [keys[batch[j]] for j in same],
                                    codes[same], computation.describe(), conn=conn)
                     except sqlite3.Error as exc:
+                        # a full disk must not throw away the codes computed so far
                         failed.append(exc)
                         warnings.warn(
-                            f"could not store codes in the feature cache {str(self.path)!r} "
-                            f"({exc}); going on without storing them",
+                            f"{self._explained(exc)}; going on without storing codes",
                             RuntimeWarning,
                             stacklevel=3,
                         )
@@ -664,30 +728,35 @@ class FeatureCache:
         """Delete every entry and give the space back to the file system.
 
         Safe while other processes use the cache: they wait for the lock and
-        then find no entries (and recompute).
+        then find no entries (and recompute). A damaged database file is set
+        aside (renamed, with a warning naming it) instead.
 
         Returns
         -------
         int
-            The number of entries deleted.
+            The number of entries deleted (0 for a damaged file set aside).
         """
         if not self.path.exists():
             return 0
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                n = conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0]
-                conn.execute("DELETE FROM codes")
-                conn.execute("DELETE FROM computations")
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-            # shrinking is best effort: VACUUM cannot run while another process reads
-            with contextlib.suppress(sqlite3.OperationalError):
-                conn.execute("VACUUM")
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            with self._connect() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    n = conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0]
+                    conn.execute("DELETE FROM codes")
+                    conn.execute("DELETE FROM computations")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                # shrinking is best effort: VACUUM cannot run while another process reads
+                with contextlib.suppress(sqlite3.OperationalError):
+                    conn.execute("VACUUM")
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except CacheDamagedError as exc:
+            self._set_aside(exc)
+            return 0
         return int(n)
 
 

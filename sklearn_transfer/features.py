@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -177,7 +179,13 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             raise type(exc)(f"stage={self.stage!r}: {exc}") from None
         cache = as_feature_cache(self.memory)
         if cache is not None:
-            cache.check_writable()  # fail now, not after an hour of extraction
+            try:
+                cache.check_writable()  # fail now, not after an hour of extraction
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # a full disk is a passing state: transforms compute without storing
+                warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
         # a named network with fixed weights travels by name (workers build it themselves)
         named = isinstance(self.backbone, str) and self.weights is not None
         self.backbone_ = network

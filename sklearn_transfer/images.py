@@ -23,6 +23,7 @@ batches for the networks.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Sequence
@@ -33,7 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "ImageSource", "as_image_source", "file_error", "load_image_folder"]
+__all__ = ["ImageLoadError", "ImageSource", "as_image_source", "file_error", "load_image_folder",
+           "regular_file"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
                   ".gif")
@@ -89,13 +91,36 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+def regular_file(path: str | os.PathLike, index: int) -> os.stat_result:
+    """``os.stat`` of image file ``path``, refusing anything but a regular file.
+
+    A named pipe or a device would block or never end once opened, so they
+    are told apart by their metadata before anything reads them.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise file_error(exc, path, index) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise file_error(IsADirectoryError(path), path, index)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise ImageLoadError(
+            f"image file {os.fspath(path)!r} (index {index}) is {kind}, not a regular file; "
+            "pass image files only", index, path)
+    return st
+
+
+def open_image(path: str | os.PathLike, draft_size: int | None = None,
+               index: int | None = None) -> Image.Image:
     """Decode a file to an RGB PIL image, applying EXIF orientation.
 
     ``draft_size`` lets JPEGs decode at a reduced scale (Pillow's ``draft``)
     as long as both sides stay at least that large: far cheaper than decoding
     a large photo in full and shrinking it afterwards.
     """
+    regular_file(path, index)
     with warnings.catch_warnings():
         # Pillow warns for images over MAX_IMAGE_PIXELS and raises over twice that;
         # the warning itself is noise for the user.
@@ -220,7 +245,9 @@ def load_item(item: Any, index: int, draft_size: int | None = None) -> Image.Ima
     """One element of a sequence of images -> RGB PIL image."""
     if isinstance(item, (str, os.PathLike)):
         try:
-            return open_image(item, draft_size)
+            return open_image(item, draft_size, index)
+        except (ImageLoadError, FileNotFoundError):
+            raise  # already names the item
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise file_error(exc, item, index) from None
     if isinstance(item, Image.Image):
@@ -378,6 +405,13 @@ def load_image_folder(root: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     keep = [i for i, f in enumerate(bunch.filenames) if f.lower().endswith(IMG_EXTENSIONS)]
     if not keep:
         raise ValueError(f"no image files under {str(root)!r} (expected root/CLASS/*.jpg)")
+    empty = sorted(set(names) - set(names[bunch.target[keep]]))
+    if empty:  # a class silently missing from y would be a wrong result, not an error
+        raise ValueError(
+            f"class folder(s) {[str(root / c) for c in empty]} hold no image file with one of "
+            f"the extensions {list(IMG_EXTENSIONS)} (files in subfolders are not read); "
+            "add images, convert the files, or remove the folder"
+        )
     X = np.asarray(bunch.filenames)[keep]
     y = names[bunch.target[keep]]
     order = np.argsort(X, kind="stable")

@@ -349,6 +349,23 @@ def test_a_file_rewritten_during_a_transform_is_not_stored_under_its_old_key(
     np.testing.assert_array_equal(again, expected)
 
 
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_special_files_are_refused_before_hashing_reads_them(tmp_path, special):
+    X, _ = write_images(tmp_path / "img", n=3)
+    if special == "fifo":
+        bad = str(tmp_path / "pipe.png")
+        os.mkfifo(bad)  # opening it for reading would block forever
+    else:
+        bad = special  # reading it would never end
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError(special)))
+    signal.alarm(30)
+    try:
+        with pytest.raises(ValueError, match=rf"{bad!r} \(index 2\) is a .*not a regular file"):
+            transformer(tmp_path / "cache").fit().transform([X[0], X[1], bad])
+    finally:
+        signal.alarm(0)
+
+
 # ------------------------------------------------------------- processes, crashes
 
 
@@ -464,6 +481,76 @@ def test_damaged_entries_are_detected_recomputed_and_repaired(tmp_path):
         warnings.simplefilter("error")
         np.testing.assert_array_equal(transformer(cache).fit().transform(X), reference)
     assert CountingConv.images == 0
+
+
+def _checkpointed(cache_dir: Path) -> bytes:
+    """The database file's bytes with every committed row in it (the log folded in)."""
+    with sqlite3.connect(Path(cache_dir) / DB_NAME) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return (Path(cache_dir) / DB_NAME).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header_overwritten"])
+def test_a_damaged_database_file_is_set_aside_and_a_fresh_one_used(tmp_path, damage):
+    X, _ = write_images(tmp_path / "img", n=N_IMAGES)
+    cache = tmp_path / "cache"
+    reference = transformer(cache).fit().transform(X)
+    data = _checkpointed(cache)
+    damaged = data[: len(data) // 2] if damage == "truncated" else b"x" * 100 + data[100:]
+    (cache / DB_NAME).write_bytes(damaged)
+    CountingConv.reset()
+    with pytest.warns(RuntimeWarning, match=rf"{DB_NAME}' is damaged .* moved to "):
+        out = transformer(cache).fit().transform(X)
+    np.testing.assert_array_equal(out, reference)
+    assert CountingConv.images == N_IMAGES  # nothing read from the damaged file
+    assert integrity(cache) == "ok" and len(rows(cache)) == N_IMAGES
+    set_aside = [p for p in cache.iterdir() if ".damaged-" in p.name]
+    assert set_aside and any(p.read_bytes() == damaged for p in set_aside)  # kept, not lost
+
+
+def test_clear_always_works_even_on_a_damaged_file(tmp_path):
+    X, _ = write_images(tmp_path / "img", n=N_IMAGES)
+    cache = FeatureCache(tmp_path / "cache")
+    transformer(cache).fit().transform(X)
+    data = _checkpointed(cache.directory)
+    cache.path.write_bytes(data[: len(data) // 2])
+    with pytest.warns(RuntimeWarning, match="is damaged"):
+        assert cache.clear() == 0
+    assert cache.info().entries == 0
+    CountingConv.reset()
+    transformer(cache).fit().transform(X[:4])
+    assert CountingConv.images == 4 and cache.info().entries == 4
+
+
+@contextlib.contextmanager
+def full_filesystem(path: Path):
+    """A real, full 64 kB tmpfs at ``path`` (root only; skips otherwise)."""
+    path.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("a full file system needs mounting a small tmpfs, which needs root")
+    try:
+        with contextlib.suppress(OSError), open(path / "filler", "wb", buffering=0) as fh:
+            while True:  # until the disk says it is full
+                fh.write(b"\0" * 4096)
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_at_fit_is_named_and_codes_are_computed_without_storing(tmp_path):
+    X, _ = write_images(tmp_path / "img", n=6)
+    reference = transformer().fit().transform(X)
+    with full_filesystem(tmp_path / "full") as full:
+        with pytest.warns(RuntimeWarning, match=rf"directory '{full / 'cache'}' is full"):
+            fitted = transformer(full / "cache").fit()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fitted.transform(X)
+        np.testing.assert_array_equal(out, reference)
+        assert len(caught) == 1 and "without storing them" in str(caught[0].message)
 
 
 # ---------------------------------------------------------------- housekeeping

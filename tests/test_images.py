@@ -176,3 +176,18 @@ def test_load_image_folder_lists_images_with_class_names(tmp_path):
     assert all(str(p).endswith(".jpg") for p in X)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_image_folder(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("content", ["other_formats", "only_subfolders"])
+def test_a_class_folder_without_images_is_named_not_dropped(tmp_path, content):
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "cats" / "0.jpg")
+    (tmp_path / "dogs").mkdir()
+    if content == "other_formats":
+        for name in ("0.heic", "1.ico", "2.jfif"):
+            (tmp_path / "dogs" / name).write_bytes(b"\0" * 16)
+    else:
+        (tmp_path / "dogs" / "more").mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / "dogs" / "more" / "0.jpg")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \[.*dogs'\] hold no image file"):
+        load_image_folder(tmp_path)
