@@ -309,6 +309,9 @@ class FeatureCache:
                 f"a feature cache directory is a path (str or pathlib.Path), got "
                 f"{type(directory).__name__}"
             )
+        if not os.fspath(directory):  # "" would silently mean the current directory
+            raise ValueError("the feature cache directory is an empty path; name a directory, "
+                             "or pass memory=None to run without a cache")
         self.directory = os.fspath(directory)
 
     def __repr__(self) -> str:

@@ -218,6 +218,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         ndarray of float32, shape (n_samples, n_features_out_)
         """
         check_is_fitted(self)
+        self._validate_params()  # set_params after fit is checked where it is used
         source = as_image_source(X)
         cache = as_feature_cache(self.memory)
 

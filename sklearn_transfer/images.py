@@ -70,7 +70,7 @@ def _describe(item: Any) -> str:
 # ------------------------------------------------------------------ single images
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _to_rgb(im: Image.Image, index: int | None = None) -> Image.Image:
     """Any PIL mode -> RGB; alpha over white, 16-bit scaled to 8 bits."""
     if im.mode == "RGB":
         return im
@@ -81,7 +81,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float32)
-        return _array_to_pil(arr, None)
+        return _array_to_pil(arr, index)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -122,12 +122,19 @@ def open_image(path: str | os.PathLike, draft_size: int | None = None,
     """
     regular_file(path, index)
     with warnings.catch_warnings():
-        # Pillow warns for images over MAX_IMAGE_PIXELS and raises over twice that;
-        # the warning itself is noise for the user.
+        # Pillow warns for images over MAX_IMAGE_PIXELS (and raises over twice that) before
+        # knowing whether draft mode shrinks the decode; the warning below says what it costs
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             if draft_size is not None and im.format == "JPEG":
                 im.draft("RGB", (draft_size, draft_size))
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                warnings.warn(
+                    f"image file {os.fspath(path)!r} (index {index}) has {im.width}x{im.height}"
+                    f" pixels, more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): decoding it "
+                    f"takes about {im.width * im.height * 4 / 1e6:.0f} MB",
+                    RuntimeWarning, stacklevel=2)
             im = ImageOps.exif_transpose(im)
             im.load()
             return _to_rgb(im)
@@ -253,7 +260,9 @@ def load_item(item: Any, index: int, draft_size: int | None = None) -> Image.Ima
     if isinstance(item, Image.Image):
         try:
             item.load()
-            return _to_rgb(ImageOps.exif_transpose(item))
+            return _to_rgb(ImageOps.exif_transpose(item), index)
+        except ImageLoadError:
+            raise  # already names the item
         except (OSError, ValueError) as exc:
             raise ImageLoadError(
                 f"PIL image at index {index} could not be loaded ({exc})", index

@@ -225,3 +225,11 @@ def test_parameters_changed_after_fit_take_effect_at_the_next_fit():
     np.testing.assert_array_equal(tf.transform(X), before)  # what fit resolved
     np.testing.assert_array_equal(tf.fit().transform(X),
                                   tiny(stage="block", relu=False, pooling="max").fit_transform(X))
+
+
+def test_parameters_set_after_fit_are_validated_where_they_are_used():
+    tf = tiny().fit()
+    with pytest.raises(ValueError, match="'batch_size' parameter .* Got -4"):
+        tf.set_params(batch_size=-4).transform(colour_images(2))
+    with pytest.raises(ValueError, match="empty path"):
+        tiny(memory="").fit()

@@ -191,3 +191,19 @@ def test_a_class_folder_without_images_is_named_not_dropped(tmp_path, content):
         Image.new("RGB", (4, 4)).save(tmp_path / "dogs" / "more" / "0.jpg")
     with pytest.raises(ValueError, match=r"class folder\(s\) \[.*dogs'\] hold no image file"):
         load_image_folder(tmp_path)
+
+
+def test_a_nan_holding_pil_image_names_its_index():
+    nan = Image.fromarray(np.full((8, 8), np.nan, np.float32), "F")
+    source = as_image_source([np.zeros((8, 8, 3), np.uint8), nan])
+    with pytest.raises(ImageLoadError, match="image at index 1 contains NaN") as info:
+        source.load(1)
+    assert "None" not in str(info.value)
+
+
+def test_an_image_over_pillows_pixel_limit_but_under_its_refusal_warns(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    Image.new("RGB", (150, 100)).save(tmp_path / "big.png")  # 1.5x the limit: decoded
+    source = as_image_source([tmp_path / "big.png"])
+    with pytest.warns(RuntimeWarning, match=r"big.png' \(index 0\) has 150x100 pixels"):
+        assert source.load(0).size == (150, 100)
