@@ -7,9 +7,15 @@ hyper-parameters by cross-validation on ``train``, and is scored once on
 
 Run::
 
-    python -m benchmarks run --data ../shared/data            # the full run
-    python -m benchmarks run --quick                          # a smoke run (~30 s)
-    python -m benchmarks run                                  # digits, no data needed
+    python -m benchmarks run                                  # digits -> results/latest
+    python -m benchmarks run --quick                          # a smoke run -> results/quick
+    python -m benchmarks run --data ../shared/data            # the full run -> results
+    python -m benchmarks run --out benchmarks/results/digits  # the committed digits report
+
+Without ``--out``, only the full, unfiltered ``--data`` run writes into a
+folder git tracks (the report README quotes); every other default folder is
+git-ignored, so the main job leaves ``git status`` clean. The committed digits
+report is rewritten only when asked, with the ``--out`` above.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from sklearn_transfer.backbones import Backbone, DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+LATEST = RESULTS / "latest"  # the main job's default folder: git-ignored
 SEED = 0
 DIGITS = "sklearn_digits"
 STRATEGIES = ("scratch_cnn", "codes_logreg", "codes_linearsvc", "finetune_head",
@@ -379,18 +386,22 @@ def plot(results: list[Result], out: Path) -> None:
 def default_out(datasets: list[Dataset], quick: bool, subset: bool) -> Path:
     """Where a run writes when ``--out`` is not given.
 
-    Only the full, unfiltered run writes the report README quotes; the main job
-    (digits), smoke runs and runs over a subset of datasets, backbones or
-    strategies write beside it.
+    Only the full, unfiltered ``--data`` run writes the report README quotes
+    (``benchmarks/results``). The main job (digits, no data folder) writes to
+    the git-ignored ``benchmarks/results/latest``, so it never rewrites the
+    committed digits report (``--out benchmarks/results/digits`` does); smoke
+    runs and runs over a subset of datasets, backbones or strategies write to
+    the git-ignored ``quick`` and ``partial`` folders.
     """
     if quick:
         return RESULTS / "quick"
     if all(d.name == DIGITS for d in datasets):
-        return RESULTS / "digits"
+        return LATEST
     return RESULTS / "partial" if subset else RESULTS
 
 
-def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = print) -> str:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[Dataset]]:
+    """The arguments of ``python -m benchmarks run ARGV``, ``out`` resolved, and its datasets."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__)
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of NAME/{train,val}/CLASS/* datasets (default: digits)")
@@ -401,18 +412,29 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
     parser.add_argument("--quick", action="store_true", help="a few images per class")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: benchmarks/results for the full, "
-                             "unfiltered run with --data; /digits, /quick or /partial "
-                             "below it otherwise)")
+                             "unfiltered run with --data; otherwise the git-ignored "
+                             "benchmarks/results/latest for digits, /quick for --quick, "
+                             "/partial for a subset; the committed digits report is "
+                             "--out benchmarks/results/digits)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="feature cache folder (default: OUT/cache)")
     parser.add_argument("--verbose", type=int, default=0, help="1 prints skorch epoch tables")
     args = parser.parse_args(argv)
-
-    start = time.perf_counter()
     datasets = find_datasets(args.data, args.quick, args.datasets)
     subset = bool(args.datasets) or any(
         getattr(args, k) != parser.get_default(k) for k in ("backbones", "strategies"))
     args.out = args.out or default_out(datasets, args.quick, subset)
+    return args, datasets
+
+
+def output_folder(argv: list[str] | None = None) -> Path:
+    """The folder ``python -m benchmarks run ARGV`` writes to, without running anything."""
+    return _parse(argv)[0].out
+
+
+def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = print) -> str:
+    start = time.perf_counter()
+    args, datasets = _parse(argv)
     cache = args.cache or args.out / "cache"
     command = " ".join(["python -m benchmarks run",
                         *(argv if argv is not None else sys.argv[2:])])
@@ -435,7 +457,16 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
     meta = _meta(command, start, notes, done=True)
     table = write_report(results, meta, args.out)
     progress(table)
+    progress(f"written to {_shown(args.out)}")
     return table
+
+
+def _shown(out: Path) -> str:
+    """``out`` relative to the repository when it is inside it, for the closing message."""
+    try:
+        return f"{out.resolve().relative_to(REPO)}/"
+    except ValueError:
+        return f"{out}/"
 
 
 def _meta(command: str, start: float, notes: dict[str, str], done: bool) -> dict[str, Any]:
@@ -455,4 +486,4 @@ def main() -> None:
     run(sys.argv[2:])
 
 
-__all__ = ["main", "run"]
+__all__ = ["main", "output_folder", "run"]

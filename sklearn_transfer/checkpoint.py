@@ -1,15 +1,15 @@
-"""Crash-safe fine-tuning: one atomic checkpoint per epoch that a new ``fit`` resumes exactly.
+"""Crash-safe fine-tuning as a skorch callback: one atomic checkpoint per epoch, resumed exactly.
 
-:class:`FitCheckpoint` is what ``FineTunedClassifier(checkpoint_dir=...)``
-uses. At the end of every epoch it writes one file holding everything the
-next epoch depends on: the module, the optimizer, the history, the state of
-the learning-rate schedulers and of early stopping (its best weights
-included), and the random states of Python, NumPy and torch, both those the
-fit started from (initialisation and the validation split replay from them)
-and those after the epoch (shuffling, augmentation, dropout). The file is
-written next to its final name and renamed over it (``os.replace``), so a
-process killed at any moment leaves either the previous checkpoint or the new
-one, never half a file.
+:class:`TrainingCheckpoint` is what ``FineTunedClassifier(checkpoint_dir=...)``
+adds to its callbacks. It writes one file holding everything the next epoch
+depends on: the module, the optimizer, the history, the state of the other
+callbacks (learning-rate schedulers, early stopping with its best weights,
+the best scores of the scoring callbacks), and the random states of Python,
+NumPy and torch, both those the training started from (the validation
+split replays from them) and those after the epoch (shuffling, augmentation,
+dropout). The file is written next to its final name and renamed over it
+(:func:`~sklearn_transfer.files.atomic_save`), so a process killed at any
+moment leaves either the previous checkpoint or the new one, never half a file.
 
 A fit looks for the file of *its own run*: the name carries a SHA-256 of the
 estimator's parameters and of the training data, so a changed parameter or
@@ -23,26 +23,27 @@ code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from skorch.callbacks import EarlyStopping, LRScheduler
+from skorch.callbacks import Callback, EarlyStopping, LRScheduler
 from skorch.history import History
 from torch import nn
 
 from sklearn_transfer.backbones import module_fingerprint
 from sklearn_transfer.cache import content_key
+from sklearn_transfer.files import atomic_save, load_weights_only
+from sklearn_transfer.images import as_image_source
+from sklearn_transfer.runtime import capture_rng, restore_rng
 
-__all__ = ["FitCheckpoint", "describe_value", "run_fingerprint"]
+__all__ = ["TrainingCheckpoint", "describe_value", "run_fingerprint"]
 
-FORMAT = "sklearn_transfer.fit-checkpoint/1"
+FORMAT = "sklearn_transfer.fit-checkpoint/2"
 # parameters that change neither the computation nor its result
 _NOT_IN_FINGERPRINT = ("verbose", "checkpoint_dir")
 
@@ -96,12 +97,13 @@ def describe_value(value: Any, depth: int = 0) -> Any:
     return name
 
 
-def _data_digest(source: Any, y: np.ndarray) -> str:
+def _data_digest(X: Any, y: Any) -> str:
     """SHA-256 of the training images and labels.
 
     Files count by path, size and modification time (reading every file
     would add an epoch's worth of I/O to each fit); in-memory images by content.
     """
+    source = as_image_source(X)
     h = hashlib.sha256()
     for i in range(len(source)):
         item = source.item(i) if source.kind == "items" else None
@@ -118,13 +120,13 @@ def _data_digest(source: Any, y: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(estimator: Any, source: Any, y: Any) -> str:
+def run_fingerprint(estimator: Any, X: Any, y: Any) -> str:
     """SHA-256 identifying a fit: the estimator's parameters and the data.
 
     Parameters
     ----------
     estimator : BaseEstimator
-    source : ImageSource
+    X : images
     y : array-like
 
     Returns
@@ -137,209 +139,143 @@ def run_fingerprint(estimator: Any, source: Any, y: Any) -> str:
     description = json.dumps([type(estimator).__qualname__, describe_value(params)],
                              sort_keys=True, default=str)
     h = hashlib.sha256(description.encode())
-    h.update(_data_digest(source, y).encode())
+    h.update(_data_digest(X, y).encode())
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------- random states
+class TrainingCheckpoint(Callback):
+    """Save the training state after every epoch; a fit of the same run resumes from it.
 
-
-def capture_rng() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) random states, as weights-only-safe values."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-    state = {
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Set the states :func:`capture_rng` returned."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32),  # noqa: NPY002
-                         numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------- file access
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s directory, then rename it over ``path``.
-
-    The rename is atomic on POSIX and Windows: readers (and a resumed fit
-    after a crash) see the old file or the new one, never a partial write.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # the data on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_os_error():
-            os.unlink(tmp)
-        raise
-
-
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, OSError)
-
-
-def load_weights_only(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``, with a clear error."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ...
-        raise ValueError(
-            f"could not read the training checkpoint {str(path)!r} ({type(exc).__name__}): it "
-            "is damaged or holds pickled Python objects, which are refused because loading "
-            "them can run arbitrary code. Delete it to train from the start."
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(
-            f"{str(path)!r} is not a sklearn_transfer training checkpoint ({FORMAT}); delete "
-            "it to train from the start"
-        )
-    return state
-
-
-# ------------------------------------------------------------------------ the run
-
-
-class FitCheckpoint:
-    """The checkpoint of one fit: resumed if its file exists, rewritten each epoch.
+    Place it first among the callbacks (``FineTunedClassifier`` does): its
+    ``on_train_begin`` restores the history before the scoring callbacks
+    read it, and the state after epoch ``k`` is written at the start of
+    epoch ``k + 1``, once every callback has recorded epoch ``k``.
 
     Parameters
     ----------
     directory : path-like
-    fingerprint : str
-        :func:`run_fingerprint` of the fit; names the file.
+        Where the checkpoint files live; created if missing.
 
     Attributes
     ----------
-    path : Path
-    state : dict or None
-        The loaded checkpoint when resuming.
+    path_ : Path or None
+        The file of the current run (set by :meth:`open`).
+    resumed_epochs_ : int
+        Epochs the current fit took from the checkpoint.
     """
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str) -> None:
-        self.directory = Path(directory)
-        self.fingerprint = fingerprint
-        self.path = self.directory / f"fit-{fingerprint[:24]}.pt"
-        self.state: dict[str, Any] | None = None
-        self._epoch_rng: dict[str, Any] | None = None
-        self._start_rng: dict[str, Any] = {}
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        self.directory = directory
 
-    @classmethod
-    def open(cls, directory: str | os.PathLike, estimator: Any, source: Any,
-             y: Any) -> FitCheckpoint:
-        """Find the run's checkpoint; when resuming, rewind the RNGs to where it started.
+    def initialize(self) -> TrainingCheckpoint:
+        self.path_: Path | None = None
+        self.fingerprint_: str | None = None
+        self.resumed_epochs_ = 0
+        self._state: dict[str, Any] | None = None
+        self._start_rng: dict[str, Any] | None = None
+        return self
 
-        Call before the network is initialised: initialisation and the
-        validation split then draw the same numbers as in the interrupted fit.
+    def open(self, net: Any, X: Any, y: Any) -> int:
+        """Find this run's checkpoint (before training); return the epochs it holds.
+
+        Raises
+        ------
+        ValueError
+            The directory cannot be created or written, or the file is not
+            a checkpoint this library wrote (or holds pickled objects).
         """
-        run = cls(directory, run_fingerprint(estimator, source, y))
+        directory = Path(self.directory)
         try:
-            run.directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(
-                f"checkpoint_dir={os.fspath(directory)!r} cannot be created ({exc})"
+                f"checkpoint_dir={os.fspath(self.directory)!r} cannot be created ({exc})"
             ) from None
-        if not os.access(run.directory, os.W_OK):
-            raise ValueError(f"checkpoint_dir={os.fspath(directory)!r} is not writable")
-        if run.path.is_file():
-            state = load_weights_only(run.path)
-            if state.get("fingerprint") != run.fingerprint:
-                raise ValueError(
-                    f"{str(run.path)!r} belongs to another run (fingerprint "
-                    f"{state.get('fingerprint')!r}); delete it to train from the start"
-                )
-            run.state = state
-            run._start_rng = state["start_rng"]
-            run._epoch_rng = state["rng"]
-            restore_rng(run._start_rng)
-        else:
-            run._start_rng = capture_rng()
-        return run
+        if not os.access(directory, os.W_OK):
+            raise ValueError(f"checkpoint_dir={os.fspath(self.directory)!r} is not writable")
+        self.fingerprint_ = run_fingerprint(net, X, y)
+        self.path_ = directory / f"fit-{self.fingerprint_[:24]}.pt"
+        self._state = None
+        if self.path_.is_file():
+            state = load_weights_only(self.path_, what="training checkpoint")
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                raise ValueError(f"{str(self.path_)!r} is not a sklearn_transfer training "
+                                 f"checkpoint ({FORMAT}); delete it to train from the start")
+            if state.get("fingerprint") != self.fingerprint_:
+                raise ValueError(f"{str(self.path_)!r} belongs to another run; delete it to "
+                                 "train from the start")
+            self._state = state
+        self.resumed_epochs_ = 0 if self._state is None else int(self._state["epoch"])
+        return self.resumed_epochs_
 
-    @property
-    def resuming(self) -> bool:
-        return self.state is not None
-
-    # the net calls these around skorch's own notifications
-
-    def load_before_callbacks(self, net: Any) -> None:
-        """Module, optimizer and history, before callbacks rebuild from the history."""
-        if self.state is None:
+    def on_train_begin(self, net: Any, **kwargs: Any) -> None:
+        if self._state is None:
+            self._start_rng = capture_rng()
             return
-        net.module_.load_state_dict(self.state["module"])
-        net.optimizer_.load_state_dict(self.state["optimizer"])
-        net.history_ = History(json.loads(self.state["history"]))
-
-    def load_after_callbacks(self, net: Any) -> None:
-        """Scheduler and early-stopping states, over what their ``on_train_begin`` reset."""
-        if self.state is None:
-            return
-        for name, cb in net.callbacks_:
-            if isinstance(cb, LRScheduler) and name in self.state["lr_schedulers"]:
-                cb.lr_scheduler_.load_state_dict(self.state["lr_schedulers"][name])
-            if isinstance(cb, EarlyStopping) and name in self.state["early_stopping"]:
-                saved = self.state["early_stopping"][name]
-                cb.misses_ = saved["misses"]
-                cb.dynamic_threshold_ = saved["dynamic_threshold"]
-                cb.best_epoch_ = saved["best_epoch"]
-                cb.best_model_weights_ = saved["best_model_weights"]
-        # building a scheduler with last_epoch > -1 steps the learning rates: put them back
-        net.optimizer_.load_state_dict(self.state["optimizer"])
+        # the history first: the scoring callbacks after this one look up their best from it
+        net.module_.load_state_dict(self._state["module"])
+        net.optimizer_.load_state_dict(self._state["optimizer"])
+        net.history_ = History(json.loads(self._state["history"]))
+        # the validation split draws next: as in the interrupted fit
+        self._start_rng = self._state["start_rng"]
+        restore_rng(self._start_rng)
         if net.verbose:
-            print(f"Resuming from {self.path} after epoch {len(net.history)}.")
+            print(f"Resuming from {self.path_} after epoch {self.resumed_epochs_}.")
 
-    def on_epoch_begin(self) -> None:
-        """After a resume, the RNGs continue where the interrupted fit's last epoch ended."""
-        if self._epoch_rng is not None:
-            restore_rng(self._epoch_rng)
-            self._epoch_rng = None
+    def on_epoch_begin(self, net: Any, **kwargs: Any) -> None:
+        if self._state is not None:
+            self._restore_callbacks(net)
+            restore_rng(self._state["rng"])
+            self._state = None
+        elif len(net.history) > 1 and self.path_ is not None:
+            self._save(net)  # the epoch that just ended, complete with every callback's record
 
-    def save(self, net: Any) -> None:
-        """Write the state after the epoch that just ended (atomically)."""
-        schedulers = {name: cb.lr_scheduler_.state_dict() for name, cb in net.callbacks_
-                      if isinstance(cb, LRScheduler) and cb.lr_scheduler_ is not None}
-        stopping = {
-            name: {"misses": int(cb.misses_), "dynamic_threshold": float(cb.dynamic_threshold_),
-                   "best_epoch": int(cb.best_epoch_),
-                   "best_model_weights": cb.__dict__.get("best_model_weights_")}
-            for name, cb in net.callbacks_ if isinstance(cb, EarlyStopping)
-        }
-        state = {
+    def _restore_callbacks(self, net: Any) -> None:
+        """What the other callbacks' ``on_train_begin`` reset: schedulers, stopping, bests."""
+        saved = self._state["callbacks"]
+        for name, cb in net.callbacks_:
+            if name not in saved:
+                continue
+            if isinstance(cb, LRScheduler):
+                cb.lr_scheduler_.load_state_dict(saved[name]["lr_scheduler"])
+            if isinstance(cb, EarlyStopping):
+                for key in ("misses_", "dynamic_threshold_", "best_epoch_",
+                            "best_model_weights_"):
+                    setattr(cb, key, saved[name][key])
+            if "best_score_" in saved[name]:
+                cb.best_score_ = saved[name]["best_score_"]
+        # building a scheduler with last_epoch > -1 stepped the learning rates: put them back
+        net.optimizer_.load_state_dict(self._state["optimizer"])
+
+    def _save(self, net: Any) -> None:
+        callbacks: dict[str, dict] = {}
+        for name, cb in net.callbacks_:
+            entry: dict[str, Any] = {}
+            if isinstance(cb, LRScheduler) and cb.lr_scheduler_ is not None:
+                entry["lr_scheduler"] = cb.lr_scheduler_.state_dict()
+            if isinstance(cb, EarlyStopping):
+                entry.update(misses_=int(cb.misses_), dynamic_threshold_=float(
+                    cb.dynamic_threshold_), best_epoch_=int(cb.best_epoch_),
+                    best_model_weights_=cb.__dict__.get("best_model_weights_"))
+            if isinstance(getattr(cb, "best_score_", None), (int, float)):
+                entry["best_score_"] = float(cb.best_score_)
+            if entry:
+                callbacks[name] = entry
+        done = net.history.to_list()[:-1]  # the row of the epoch that is beginning is not done
+        atomic_save({
             "format": FORMAT,
-            "fingerprint": self.fingerprint,
-            "epoch": len(net.history),
+            "fingerprint": self.fingerprint_,
+            "epoch": len(done),
             "module": net.module_.state_dict(),
             "optimizer": net.optimizer_.state_dict(),
-            "history": json.dumps(net.history.to_list()),
-            "lr_schedulers": schedulers,
-            "early_stopping": stopping,
+            "history": json.dumps(done),
+            "callbacks": callbacks,
             "start_rng": self._start_rng,
             "rng": capture_rng(),
-        }
-        atomic_save(state, self.path)
+        }, self.path_)
 
     def remove(self) -> None:
         """Delete the checkpoint once the fit has completed."""
-        with _suppress_os_error():
-            self.path.unlink()
+        if self.path_ is not None:
+            with contextlib.suppress(OSError):
+                self.path_.unlink()

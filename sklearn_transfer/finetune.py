@@ -1,9 +1,10 @@
 """End-to-end fine-tuning of a pretrained CNN as a scikit-learn classifier, built on skorch.
 
 :class:`FineTunedClassifier` *is* a :class:`skorch.NeuralNetClassifier`:
-callbacks, ``history_``, routed parameters (``optimizer__weight_decay``,
-``iterator_train__num_workers``, ``callbacks__early_stopping__patience``) and
-the printed epoch table work as skorch users know them. What it adds:
+callbacks, ``history_``, routed parameters (``module__head_dropout``,
+``optimizer__weight_decay``, ``iterator_train__num_workers``,
+``callbacks__early_stopping__patience``) and the printed epoch table work as
+skorch users know them. What it adds:
 
 * the network: a :class:`~sklearn_transfer.Backbone` whose ImageNet classifier
   is replaced by a fresh head for the classes of ``y`` (:class:`FineTuneModule`);
@@ -14,20 +15,16 @@ the printed epoch table work as skorch users know them. What it adds:
   augmented for training and plainly resized for validation and prediction with
   the backbone's own preprocessing;
 * any labels scikit-learn accepts, a default recipe that works out of the box
-  (AdamW, smaller learning rate for pretrained layers, cosine schedule, early
-  stopping with the best validation weights restored), ``random_state`` and
-  ``device="auto"``.
+  (AdamW, a smaller learning rate for pretrained layers, cosine schedule, early
+  stopping with the best validation weights restored), ``random_state``, and
+  crash-safe training (:class:`~sklearn_transfer.checkpoint.TrainingCheckpoint`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fnmatch
-import inspect
 import numbers
 import os
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +32,12 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.preprocessing import LabelEncoder
+from sklearn.utils._param_validation import (
+    Interval,
+    Options,
+    StrOptions,
+    validate_parameter_constraints,
+)
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import column_or_1d
@@ -53,22 +56,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from sklearn_transfer.backbones import Backbone, get_backbone
-from sklearn_transfer.preprocessing import DataConfig
 from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
-from sklearn_transfer.checkpoint import FitCheckpoint
+from sklearn_transfer.checkpoint import TrainingCheckpoint
 from sklearn_transfer.images import as_image_source
-from sklearn_transfer.runtime import (
-    Runtime,
-    actionable_oom,
-    resolve_device,
-    seed_everything,
-    seed_worker,
-)
+from sklearn_transfer.preprocessing import DataConfig, augment_options
+from sklearn_transfer.runtime import Runtime, actionable_oom, seed_worker, seeded
 
 __all__ = ["FineTuneModule", "FineTunedClassifier", "resolve_freeze_depth"]
 
-LR_SCHEDULES = ("cosine", "step", None)
-DEFAULT_AUGMENT = {"scale": (0.25, 1.0)}
+#: CUDA when a GPU is visible, the CPU otherwise (a fitted model pickled on a GPU machine
+#: is mapped to the CPU by skorch where there is none).
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------- the network
@@ -92,7 +90,7 @@ def resolve_freeze_depth(freeze_depth: int | str, backbone: Backbone) -> int:
     Examples
     --------
     >>> from torch import nn
-    >>> from sklearn_transfer.backbones import Backbone, DataConfig
+    >>> from sklearn_transfer import Backbone, DataConfig
     >>> from sklearn_transfer.finetune import resolve_freeze_depth
     >>> net = Backbone([("a", nn.Conv2d(3, 4, 3)), ("b", nn.Conv2d(4, 4, 3))], DataConfig(32))
     >>> resolve_freeze_depth("all", net), resolve_freeze_depth(-1, net)
@@ -129,14 +127,14 @@ class FineTuneModule(nn.Module):
         Number of leading stages frozen (already resolved).
     head_hidden : int or None
         Width of an optional hidden layer (ReLU) in the head.
-    head_dropout : float
+    head_dropout : float, default=0.2
         Dropout before each linear layer of the head.
 
     Examples
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from sklearn_transfer.backbones import Backbone, DataConfig
+    >>> from sklearn_transfer import Backbone, DataConfig
     >>> from sklearn_transfer.finetune import FineTuneModule
     >>> net = Backbone([("a", nn.Conv2d(3, 4, 3)), ("b", nn.BatchNorm2d(4))], DataConfig(32))
     >>> module = FineTuneModule(net, n_classes=3, freeze_depth=1).train()
@@ -152,7 +150,7 @@ class FineTuneModule(nn.Module):
         n_classes: int,
         freeze_depth: int = 0,
         head_hidden: int | None = None,
-        head_dropout: float = 0.0,
+        head_dropout: float = 0.2,
     ) -> None:
         super().__init__()
         width = backbone.widths[-1]
@@ -207,46 +205,6 @@ class _CheckedLoader:
         return getattr(self.loader, name)
 
 
-@contextlib.contextmanager
-def _seeded(random_state: Any) -> Iterator[None]:
-    """Seed every RNG for the block, then give the caller back its own states."""
-    if random_state is None:
-        yield
-        return
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())  # noqa: NPY002
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    seed_everything(random_state)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])  # noqa: NPY002
-        torch.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def _augment_kwargs(augment: Any) -> dict[str, Any] | None:
-    """``augment`` -> keyword arguments of ``DataConfig.train_transform`` (None: off)."""
-    if augment is True:
-        return dict(DEFAULT_AUGMENT)
-    if augment is False or augment is None:
-        return None
-    if isinstance(augment, dict):
-        allowed = [p for p in inspect.signature(DataConfig.train_transform).parameters
-                   if p != "self"]
-        unknown = sorted(set(augment) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"augment={augment!r}: unknown option(s) {unknown}; the options are {allowed}"
-            )
-        return {**DEFAULT_AUGMENT, **augment}
-    raise ValueError(
-        f"augment={augment!r} must be True (random resized crop and flip), False, or a dict "
-        "of DataConfig.train_transform options such as {'rotation': 15, 'zoom': 0.1}"
-    )
-
-
 class _ValidSplit(ValidSplit):
     """skorch's ``ValidSplit`` with a repr that shows its settings (short estimator reprs)."""
 
@@ -257,6 +215,8 @@ class _ValidSplit(ValidSplit):
 
 # one shared default instance, as skorch's own (a split holds no fitted state)
 DEFAULT_TRAIN_SPLIT = _ValidSplit(0.2, stratified=True)
+
+
 
 
 # -------------------------------------------------------------------- the estimator
@@ -282,101 +242,86 @@ class FineTunedClassifier(NeuralNetClassifier):
     freeze_depth : int or "all", default=-2
         Stages, counted from the input, that stay frozen: ``0`` trains
         everything, ``"all"`` the head only, ``-k`` all but the last ``k``
-        stages. The default trains the last two stages: for
-        ``efficientnet_lite0`` (stages ``stem, blocks.0 … blocks.6, head``)
-        that is ``blocks.6`` and ``head`` (1.0M of the 3.4M backbone weights,
-        at 7x7 resolution), so an epoch costs about what inference does and
-        small data sets cannot wash out what the network knew. On
-        ``hymenoptera_data`` it beat training the last three stages (0.948
-        vs 0.935). Frozen stages get no gradients, are not given to the
-        optimizer, and keep their BatchNorm layers in evaluation mode.
-    head_hidden : int or None, default=None
-        Width of an optional hidden layer (ReLU) in the new head.
-    head_dropout : float, default=0.2
-        Dropout before each linear layer of the head.
+        stages. The default trains the last two stages (for
+        ``efficientnet_lite0``, ``blocks.6`` and ``head``): an epoch then
+        costs little more than inference, and small data sets cannot wash out
+        what the network knew. Frozen stages get no gradients, are not given
+        to the optimizer, and keep their BatchNorm layers in evaluation mode.
     backbone_lr_mult : float, default=0.1
         Learning rate of the pretrained (unfrozen) layers relative to ``lr``,
-        which the new head uses; small values keep what the network knew
-        (no catastrophic forgetting).
-    lr : float, default=3e-3
-        Learning rate of the head (``optimizer__lr`` overrides it).
-    optimizer : torch optimizer class, default=torch.optim.AdamW
-        With its default weight decay of 0.01; route options as
-        ``optimizer__weight_decay=0.05``.
-    max_epochs : int, default=5
-        A short cosine schedule: the pretrained features need adapting, not learning.
-    batch_size : int, default=32
-    patience : int or None, default=3
-        Early stopping on the validation loss, after which the weights of the
-        best validation epoch are restored (skorch ``EarlyStopping(load_best=True)``).
-        ``None`` trains for ``max_epochs`` (the best weights are still restored
-        when there is a validation split).
-    lr_schedule : {"cosine", "step", None}, default="cosine"
-        Per-epoch schedule through skorch's ``LRScheduler``: cosine annealing
-        over ``max_epochs``, or a step decay by 10 every third of them.
+        which the new head uses: the last of the ``optimizer__param_groups``,
+        ``("backbone.*", {"lr": lr * backbone_lr_mult})``, after your own
+        groups (which therefore take precedence).
     augment : bool or dict, default=True
-        Training augmentation from the backbone's preprocessing
-        (:meth:`DataConfig.train_transform`): random resized crop of 25% to
-        100% of the image (milder than the 8% of ImageNet training from
-        scratch: small data sets cannot afford crops that lose the object)
-        and horizontal flip; a dict passes options such as ``{"rotation": 15,
-        "translate": 0.1, "zoom": 0.1, "scale": (0.08, 1.0)}``. ``False``
-        uses the evaluation transform. Validation and prediction always use the
-        plain resize and centre crop.
+        Training augmentation from the backbone's preprocessing (see
+        :func:`~sklearn_transfer.preprocessing.augment_options`): random
+        resized crop of 25% to 100% of the image and horizontal flip; a dict
+        passes options such as ``{"rotation": 15, "translate": 0.1, "zoom":
+        0.1, "scale": (0.08, 1.0)}``. ``False`` uses the evaluation transform.
+        Validation and prediction always use the plain resize and centre crop.
     class_weight : None, "balanced" or dict, default=None
         Weights of the classes in the loss, as in scikit-learn.
-    classes : array-like or None, default=None
-        All labels, if ``y`` may lack some (e.g. for ``partial_fit``).
-    train_split : callable or None, default=ValidSplit(0.2, stratified=True)
-        skorch's internal validation split (for the epoch table, early
-        stopping and the best weights); ``None`` trains on everything.
+    patience : int or None, default=3
+        Early stopping on the validation loss, after which the weights of the
+        best validation epoch are restored (skorch ``EarlyStopping(load_best=True)``,
+        the ``early_stopping`` callback). ``None`` trains for ``max_epochs``
+        (the best weights are still restored when there is a validation split).
+    lr_schedule : {"cosine", None}, default="cosine"
+        Cosine annealing over ``max_epochs`` through skorch's ``LRScheduler``
+        (the ``lr_scheduler`` callback), or a constant learning rate.
     random_state : int, RandomState or None, default=None
         Seeds the head, the validation split, shuffling and augmentation; two
         CPU fits with the same value predict identically. The caller's global
         random states are restored afterwards.
     checkpoint_dir : str, path-like or None, default=None
-        Makes ``fit`` survive a crash. At the end of every epoch the complete
-        training state (module, optimizer, history, learning-rate schedule,
-        early-stopping state and best weights, and the random states of
-        Python, NumPy and torch) is written to one file in this directory,
-        atomically (a temporary file renamed over the previous checkpoint).
+        Makes ``fit`` survive a crash, through the
+        :class:`~sklearn_transfer.checkpoint.TrainingCheckpoint` callback
+        (``checkpoint``). After every epoch the complete training state
+        (module, optimizer, history, the other callbacks' states and the
+        random states) is written to one file in this directory, atomically.
         A later ``fit`` *of the same run* (same parameters, apart from
         ``verbose`` and ``checkpoint_dir``, and the same ``X`` and ``y``)
         finds it and resumes after the last completed epoch; on the CPU it
-        ends with exactly the weights and predictions of an uninterrupted
-        fit. The file is named after a SHA-256 of parameters and data, so
-        different runs (the folds and candidates of a grid search) can share
-        the directory without resuming each other's. It is deleted when
-        ``fit`` completes, and kept when it is interrupted (an exception,
-        ``KeyboardInterrupt``, a killed process). Checkpoints are read with
-        ``torch.load(weights_only=True)``: a file holding pickled objects is
-        refused. Files are identified by path, size and modification time.
-        Only ``fit`` from scratch checkpoints; ``partial_fit`` and
-        ``warm_start`` continuations do not. With ``num_workers > 0`` the
-        training workers are restarted every epoch (``persistent_workers``
-        defaults to False) so that their random streams can be replayed.
-        Custom callbacks' own state is not saved.
-    device : str, default="auto"
-        ``"auto"``: CUDA if present (float16 autocast with a gradient scaler,
-        pinned memory), else the CPU. The network runs ``channels_last``.
+        ends with exactly the weights, history and predictions of an
+        uninterrupted fit. The file is named after a SHA-256 of parameters and
+        data, so the folds and candidates of a grid search can share the
+        directory. It is deleted when ``fit`` completes, and kept when it is
+        interrupted (an exception, ``KeyboardInterrupt``, a killed process).
+        Files are identified by path, size and modification time. Only ``fit``
+        from scratch checkpoints; ``partial_fit`` and ``warm_start``
+        continuations do not. With ``num_workers > 0`` the training workers
+        are restarted every epoch (``persistent_workers`` defaults to False)
+        so that their random streams can be replayed. Custom callbacks' own
+        state is not saved.
+    module : nn.Module class, default=FineTuneModule
+        skorch's module: built at ``fit`` from the backbone, the number of
+        classes and ``freeze_depth``; its own options are routed, e.g.
+        ``module__head_dropout=0.5`` or ``module__head_hidden=256``.
     criterion : torch loss class, default=torch.nn.CrossEntropyLoss
         Options are routed: ``criterion__label_smoothing=0.1``.
-    callbacks : list of (name, callback) or None, default=None
-        Extra skorch callbacks; the defaults (``epoch_timer``, ``train_loss``,
-        ``valid_loss``, ``valid_acc``, ``lr_scheduler``, ``early_stopping``,
-        ``print_log``) can be tuned as ``callbacks__early_stopping__threshold``
-        or disabled with ``callbacks__lr_scheduler=None``.
-    verbose : int, default=1
-        1 prints skorch's epoch table.
-    warm_start, iterator_train, iterator_valid, predict_nonlinearity, compile, \
-use_caching, torch_load_kwargs
-        As in skorch. The iterators get ``collate_images`` (channels_last
-        uint8 batches), pinned memory on CUDA and, for training, shuffling,
-        unless routed parameters say otherwise.
+    optimizer : torch optimizer class, default=torch.optim.AdamW
+        With its default weight decay of 0.01; route options as
+        ``optimizer__weight_decay=0.05``.
+    lr : float, default=3e-3
+        Learning rate of the head (``optimizer__lr`` overrides it).
+    max_epochs : int, default=5
+        A short cosine schedule: the pretrained features need adapting, not learning.
+    batch_size : int, default=32
+    train_split : callable or None, default=ValidSplit(0.2, stratified=True)
+        skorch's internal validation split (for the epoch table, early
+        stopping and the best weights); ``None`` trains on everything.
+    device : str, default="cuda" if a GPU is visible, else "cpu"
+        On CUDA: float16 autocast with a gradient scaler and pinned memory.
+        The network runs ``channels_last``.
     **kwargs
-        Any other skorch parameter, e.g. ``iterator_train__num_workers=4``
-        (decoding and augmentation in DataLoader worker processes; pays on a
-        GPU machine, hardly on a two-core CPU), ``warm_start``, ``compile``.
+        Any other skorch parameter: ``callbacks``, ``verbose`` (1 prints the
+        epoch table), ``classes`` (all labels, if ``y`` may lack some),
+        ``warm_start``, ``iterator_train__num_workers=4`` (decoding and
+        augmentation in DataLoader worker processes), routed
+        ``callbacks__early_stopping__threshold`` or ``callbacks__lr_scheduler=None``.
+        The iterators get ``collate_images`` (channels_last uint8 batches),
+        pinned memory on CUDA and, for training, shuffling, unless routed
+        parameters say otherwise.
 
     Attributes
     ----------
@@ -405,8 +350,6 @@ use_caching, torch_load_kwargs
     with its own ``CUDA_VISIBLE_DEVICES=i``, or run a Dask/Ray joblib
     backend whose workers each see one GPU.
 
-    Notes
-    -----
     Fitted estimators pickle (and ``joblib.dump``); loading a pickle can run
     arbitrary code, so load such files only from sources you trust. To share
     a model, use :func:`sklearn_transfer.persistence.dump` / ``load`` (skops
@@ -417,8 +360,7 @@ use_caching, torch_load_kwargs
     --------
     >>> import numpy as np
     >>> from torch import nn
-    >>> from sklearn_transfer import FineTunedClassifier
-    >>> from sklearn_transfer.backbones import Backbone, DataConfig
+    >>> from sklearn_transfer import Backbone, DataConfig, FineTunedClassifier
     >>> net = Backbone([("conv", nn.Conv2d(3, 8, 3)), ("bn", nn.BatchNorm2d(8))],
     ...                DataConfig(input_size=16, crop_pct=1.0))
     >>> rng = np.random.RandomState(0)
@@ -441,108 +383,78 @@ use_caching, torch_load_kwargs
     True
     """
 
+    # backbone may hold a module: as a component prefix, skorch's __setattr__ lets
+    # set_params assign one (grid searches over networks) as it does for `module`
+    prefixes_ = [*NeuralNetClassifier.prefixes_, "backbone"]
+
+    _parameter_constraints: dict = {
+        "backbone": [str, nn.Module],
+        "weights": [str, os.PathLike, None],
+        "freeze_depth": [Interval(numbers.Integral, None, None, closed="neither"),
+                         StrOptions({"all"})],
+        "backbone_lr_mult": [Interval(numbers.Real, 0, None, closed="left")],
+        "augment": ["boolean", dict],
+        "class_weight": [StrOptions({"balanced"}), dict, None],
+        "patience": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "lr_schedule": [StrOptions({"cosine"}), None],
+        "random_state": ["random_state"],
+        "checkpoint_dir": [str, os.PathLike, None],
+        "lr": [Interval(numbers.Real, 0, None, closed="neither")],
+        "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left"),
+                       Options(numbers.Integral, {-1})],
+        "device": [str, torch.device],
+    }
+
     def __init__(
         self,
         backbone: str | nn.Module | Backbone = "efficientnet_lite0",
-        weights: str | None = "pretrained",
+        weights: str | os.PathLike | None = "pretrained",
         freeze_depth: int | str = -2,
-        head_hidden: int | None = None,
-        head_dropout: float = 0.2,
         backbone_lr_mult: float = 0.1,
-        lr: float = 3e-3,
-        optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
-        max_epochs: int = 5,
-        batch_size: int = 32,
-        patience: int | None = 3,
-        lr_schedule: str | None = "cosine",
         augment: bool | dict = True,
         class_weight: str | dict | None = None,
-        classes: Any = None,
-        train_split: Any = DEFAULT_TRAIN_SPLIT,
+        patience: int | None = 3,
+        lr_schedule: str | None = "cosine",
         random_state: int | np.random.RandomState | None = None,
-        device: str = "auto",
-        criterion: type[nn.Module] = nn.CrossEntropyLoss,
-        callbacks: list | None = None,
-        verbose: int = 1,
-        warm_start: bool = False,
-        iterator_train: Any = DataLoader,
-        iterator_valid: Any = DataLoader,
-        predict_nonlinearity: Any = "auto",
-        compile: bool = False,
-        use_caching: bool | str = "auto",
-        torch_load_kwargs: dict | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
+        *,
+        module: type[nn.Module] = FineTuneModule,
+        criterion: type[nn.Module] = nn.CrossEntropyLoss,
+        optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        lr: float = 3e-3,
+        max_epochs: int = 5,
+        batch_size: int = 32,
+        train_split: Any = DEFAULT_TRAIN_SPLIT,
+        device: str = DEFAULT_DEVICE,
         **kwargs: Any,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
         self.freeze_depth = freeze_depth
-        self.head_hidden = head_hidden
-        self.head_dropout = head_dropout
         self.backbone_lr_mult = backbone_lr_mult
-        self.patience = patience
-        self.lr_schedule = lr_schedule
         self.augment = augment
         self.class_weight = class_weight
+        self.patience = patience
+        self.lr_schedule = lr_schedule
         self.random_state = random_state
         self.checkpoint_dir = checkpoint_dir
-        super().__init__(
-            FineTuneModule,
-            criterion=criterion,
-            optimizer=optimizer,
-            lr=lr,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            train_split=train_split,
-            classes=classes,
-            callbacks=callbacks,
-            verbose=verbose,
-            device=device,
-            warm_start=warm_start,
-            iterator_train=iterator_train,
-            iterator_valid=iterator_valid,
-            predict_nonlinearity=predict_nonlinearity,
-            compile=compile,
-            use_caching=use_caching,
-            torch_load_kwargs=torch_load_kwargs,
-            **kwargs,
-        )
+        super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
+                         max_epochs=max_epochs, batch_size=batch_size,
+                         train_split=train_split, device=device, **kwargs)
 
-    # ------------------------------------------------ scikit-learn surface
-
-    # ``device`` keeps what the user passed ("auto"), while skorch's internals,
-    # which read ``self.device`` to move modules and tensors, get a real device.
+    # skorch keeps its bookkeeping of routed names in `_params_to_validate`, which its
+    # _get_param_names would list as a constructor parameter (scikit-learn's
+    # check_set_params then sets it to a float); kept under a fitted-state name instead
     @property
-    def device(self) -> str | None:
-        requested = self.__dict__.get("device", "auto")
-        if isinstance(requested, str) and requested == "auto":
-            return str(resolve_device("auto"))
-        return requested
+    def _params_to_validate(self) -> set:
+        return self.__dict__["params_to_validate_"]
 
-    @device.setter
-    def device(self, value: Any) -> None:
-        self.__dict__["device"] = value
+    @_params_to_validate.setter
+    def _params_to_validate(self, value: set) -> None:
+        self.__dict__["params_to_validate_"] = value
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "backbone":
-            # a user's module is a parameter (copied at fit), not one of skorch's
-            # initialised components: plain assignment, so set_params works too
-            object.__setattr__(self, name, value)
-            return
-        super().__setattr__(name, value)
-
-    def _get_param_names(self) -> list[str]:
-        # the module class and skorch's dataset are fixed internals here, and
-        # private bookkeeping is no constructor argument
-        return sorted(k for k in super()._get_param_names()
-                      if not k.startswith("_") and k not in ("module", "dataset"))
-
-    def get_params(self, deep: bool = True, **kwargs: Any) -> dict[str, Any]:
-        params = super().get_params(deep=deep, **kwargs)
-        params["device"] = self.__dict__.get("device", "auto")
-        return params
-
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # scikit-learn's: the parameters that differ from the defaults
         return BaseEstimator.__repr__(self)
 
     def __sklearn_tags__(self):
@@ -554,7 +466,7 @@ use_caching, torch_load_kwargs
         return tags
 
     @property
-    def classes_(self) -> np.ndarray:
+    def classes_(self) -> np.ndarray:  # any labels: what the label encoder learnt from y
         encoder = self.__dict__.get("label_encoder_")
         if encoder is None:
             raise AttributeError(f"{type(self).__name__} has no classes_ before fit")
@@ -562,44 +474,17 @@ use_caching, torch_load_kwargs
 
     # -------------------------------------------------------- validation
 
-    def _check_hyperparameters(self) -> None:
-        def positive_int(name: str, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if allow_none and value is None:
-                return
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                extra = " or None" if allow_none else ""
-                raise ValueError(f"{name}={value!r} must be a positive integer{extra}")
-
-        positive_int("max_epochs")
-        positive_int("patience", allow_none=True)
-        positive_int("head_hidden", allow_none=True)
-        if not (isinstance(self.batch_size, numbers.Integral) and (
-                self.batch_size >= 1 or self.batch_size == -1)):
-            raise ValueError(f"batch_size={self.batch_size!r} must be a positive integer or -1")
-        if not isinstance(self.head_dropout, numbers.Real) or not 0 <= self.head_dropout < 1:
-            raise ValueError(f"head_dropout={self.head_dropout!r} must be in [0, 1)")
-        if not isinstance(self.backbone_lr_mult, numbers.Real) or self.backbone_lr_mult < 0:
-            raise ValueError(f"backbone_lr_mult={self.backbone_lr_mult!r} must be a number >= 0")
-        if not isinstance(self.lr, numbers.Real) or self.lr <= 0:
-            raise ValueError(f"lr={self.lr!r} must be a positive number")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
-        _augment_kwargs(self.augment)
-        if not (self.class_weight is None or self.class_weight == "balanced"
-                or isinstance(self.class_weight, dict)):
-            raise ValueError(
-                f"class_weight={self.class_weight!r} must be None, 'balanced' or a dict "
-                "{label: weight}"
-            )
-        if not (isinstance(self.freeze_depth, numbers.Integral) or self.freeze_depth == "all") \
-                or isinstance(self.freeze_depth, bool):
-            raise ValueError(
-                f"freeze_depth={self.freeze_depth!r} must be an int (stages frozen from the "
-                "input; 0 trains everything, negative -k keeps the last k stages trainable) "
-                "or 'all' (train the new head only)"
-            )
-        resolve_device(self.__dict__.get("device", "auto"))  # raises naming the device
+    def _check_params(self) -> None:
+        # skorch's own _validate_params checks routed names; these are the values
+        validate_parameter_constraints(
+            self._parameter_constraints,
+            {name: getattr(self, name) for name in self._parameter_constraints},
+            caller_name=type(self).__name__,
+        )
+        if not np.isfinite(self.lr) or not np.isfinite(self.backbone_lr_mult):
+            raise ValueError(f"lr={self.lr!r} and backbone_lr_mult={self.backbone_lr_mult!r} "
+                             "must be finite")
+        augment_options(self.augment)  # names an unknown augmentation option
 
     def _set_targets(self, y: Any, classes: Any = None) -> None:
         """Learn the label encoding and class weights from ``y`` (or ``classes``)."""
@@ -670,57 +555,27 @@ use_caching, torch_load_kwargs
         -------
         self
         """
-        self._check_hyperparameters()
-        run = None
-        with _seeded(self.random_state):
+        self._check_params()
+        checkpoint, epochs = None, None
+        with seeded(self.random_state):
             if not self.warm_start or not self.initialized_:
                 self._set_targets(y, self.classes)
-                if self.checkpoint_dir is not None:
-                    # before initialize(): a resumed fit rewinds the RNGs to where the
-                    # interrupted one started, so the head and validation split match
-                    run = FitCheckpoint.open(self.checkpoint_dir, self, as_image_source(X),
-                                             self._check_y(y))
                 self.initialize()
-            self._checkpoint_run = run
-            try:
-                self._partial_fit(X, y, _routing_method="fit", **fit_params)
-            finally:
-                self.__dict__.pop("_checkpoint_run", None)
-        if run is not None and self._training_completed(run):
-            run.remove()
+                checkpoint = dict(self.callbacks_).get("checkpoint")  # fits from scratch only
+            if isinstance(checkpoint, TrainingCheckpoint):
+                # a resumed fit runs the epochs the interrupted one did not complete
+                epochs = max(self.max_epochs - checkpoint.open(self, X, self._check_y(y)), 0)
+            self._partial_fit(X, y, epochs=epochs, _routing_method="fit", **fit_params)
+        if isinstance(checkpoint, TrainingCheckpoint) and self._training_completed():
+            checkpoint.remove()
         return self
 
-    def _training_completed(self, run: FitCheckpoint) -> bool:
+    def _training_completed(self) -> bool:
         """All epochs ran, or early stopping ended the fit (not a user's Ctrl-C)."""
         if len(self.history) >= self.max_epochs:
             return True
-        return any(isinstance(cb, EarlyStopping) and cb.misses_ >= cb.patience
+        return any(isinstance(cb, EarlyStopping) and cb.misses_ == cb.patience
                    for _, cb in self.callbacks_)
-
-    def fit_loop(self, X: Any, y: Any = None, epochs: int | None = None,
-                 **fit_params: Any) -> FineTunedClassifier:
-        if epochs is None and self.__dict__.get("_checkpoint_run") is not None:
-            # a resumed fit runs the epochs the interrupted one did not complete
-            epochs = max(self.max_epochs - len(self.history), 0)
-        return super().fit_loop(X, y, epochs=epochs, **fit_params)
-
-    def notify(self, method_name: str, **cb_kwargs: Any) -> None:
-        run = self.__dict__.get("_checkpoint_run")
-        if run is None:
-            super().notify(method_name, **cb_kwargs)
-            return
-        if method_name == "on_train_begin":
-            # the history first: LRScheduler and scoring callbacks rebuild from it
-            run.load_before_callbacks(self)
-        super().notify(method_name, **cb_kwargs)
-        if method_name == "on_train_begin":
-            run.load_after_callbacks(self)
-        elif method_name == "on_epoch_begin":
-            run.on_epoch_begin()
-        elif method_name == "on_epoch_end":
-            # after every callback has recorded its epoch (early stopping's raise skips this:
-            # the resumed fit repeats that epoch and stops again, identically)
-            run.save(self)
 
     def partial_fit(self, X: Any, y: Any = None, classes: Any = None,
                     **fit_params: Any) -> FineTunedClassifier:
@@ -730,8 +585,8 @@ use_caching, torch_load_kwargs
         the first batch of data lacks some.
         """
         if not self.initialized_:
-            self._check_hyperparameters()
-            with _seeded(self.random_state):
+            self._check_params()
+            with seeded(self.random_state):
                 self._set_targets(y, classes if classes is not None else self.classes)
                 self.initialize()
         return self._partial_fit(X, y, **fit_params)
@@ -750,13 +605,11 @@ use_caching, torch_load_kwargs
             self.__dict__.pop("grad_scaler_", None)
         return self
 
-    def check_data(self, X: Any, y: Any = None) -> None:
-        # labels are validated and encoded before skorch sees them
-        pass
-
     # ------------------------------------------------------ initialisation
 
     def initialize_module(self) -> FineTunedClassifier:
+        # the head's width comes from y, and the backbone from its name or the user's module,
+        # copied: it is the pristine starting point of every fit
         if "label_encoder_" not in self.__dict__:
             raise ValueError(
                 "FineTunedClassifier learns its number of classes from y: call fit(X, y) "
@@ -764,21 +617,17 @@ use_caching, torch_load_kwargs
             )
         backbone = self.backbone
         if isinstance(backbone, nn.Module):
-            # the user's module is the pristine starting point of every fit
             backbone = copy.deepcopy(backbone)
         net = get_backbone(backbone, weights=self.weights)
         self.freeze_depth_ = resolve_freeze_depth(self.freeze_depth, net)
-        module = FineTuneModule(
-            net,
-            n_classes=len(self.classes_),
-            freeze_depth=self.freeze_depth_,
-            head_hidden=self.head_hidden,
-            head_dropout=float(self.head_dropout),
-        )
+        kwargs = {"backbone": net, "n_classes": len(self.classes_),
+                  "freeze_depth": self.freeze_depth_, **self.get_params_for("module")}
+        module = self.initialized_instance(self.module, kwargs)
         self.module_ = module.to(memory_format=torch.channels_last)
         return self
 
     def initialize_criterion(self) -> FineTunedClassifier:
+        # class weights are learnt from y at fit, as in scikit-learn
         kwargs = self.get_params_for("criterion")
         weight = self.__dict__.get("class_weight_")
         if weight is not None and "weight" not in kwargs:
@@ -786,59 +635,44 @@ use_caching, torch_load_kwargs
         self.criterion_ = self.initialized_instance(self.criterion, kwargs)
         return self
 
-    def initialize_optimizer(self, triggered_directly: Any = None) -> FineTunedClassifier:
-        """The optimizer over trainable parameters only: frozen ones are never given to it.
+    def get_params_for(self, prefix: str) -> dict[str, Any]:
+        kwargs = super().get_params_for(prefix)
+        if prefix == "optimizer":
+            # the pretrained layers' default rate, after (so beneath) the user's own groups
+            lr = kwargs.get("lr", self.lr) * self.backbone_lr_mult
+            kwargs["param_groups"] = [*kwargs.get("param_groups", []),
+                                      ("backbone.*", {"lr": lr})]
+        return kwargs
 
-        Parameters matching ``optimizer__param_groups`` patterns go to those
-        groups; then the head trains at ``lr`` (the first group, whose rate
-        skorch's epoch table shows) and the remaining pretrained parameters at
-        ``lr * backbone_lr_mult``.
-        """
-        kwargs = self.get_params_for("optimizer")
-        user_groups = kwargs.pop("param_groups", [])
-        lr = kwargs.setdefault("lr", self.lr)
-        named = [(n, p) for n, p in self.module_.named_parameters() if p.requires_grad]
-        groups = []
-        for pattern, options in user_groups:
-            matched = [p for n, p in named if fnmatch.fnmatch(n, pattern)]
-            named = [(n, p) for n, p in named if not fnmatch.fnmatch(n, pattern)]
-            if matched:
-                groups.append({"params": matched, **options})
-        pretrained = [p for n, p in named if n.startswith("backbone.")]
-        new = [p for n, p in named if not n.startswith("backbone.")]
-        # the head first: skorch's LRScheduler reports group 0 as the table's lr column
-        if new:
-            groups.append({"params": new})
-        if pretrained:
-            groups.append({"params": pretrained, "lr": lr * float(self.backbone_lr_mult)})
-        self.optimizer_ = self.optimizer(groups, **kwargs)
-        return self
+    def get_all_learnable_params(self) -> Any:
+        # frozen stages are never handed to the optimizer
+        return ((n, p) for n, p in super().get_all_learnable_params() if p.requires_grad)
 
     @property
     def _default_callbacks(self) -> list[tuple[str, Any]]:
-        validate = bool(self.train_split)
-        callbacks: list[tuple[str, Any]] = [
+        # parameters are read as they are: they are validated at fit, not here
+        callbacks: list[tuple[str, Any]] = []
+        if self.checkpoint_dir is not None:
+            # first: it restores the history the scoring callbacks read when resuming
+            callbacks.append(("checkpoint", TrainingCheckpoint(self.checkpoint_dir)))
+        callbacks += [
             ("epoch_timer", EpochTimer()),
             ("train_loss", PassthroughScoring(name="train_loss", on_train=True)),
         ]
+        validate = self.train_split is not None
         if validate:
             callbacks += [
                 ("valid_loss", PassthroughScoring(name="valid_loss")),
                 # predict on the validation subset returns class indices, as its targets
                 ("valid_acc", EpochScoring("accuracy", name="valid_acc", lower_is_better=False)),
             ]
-        epochs = max(int(self.max_epochs), 1)
-        if self.lr_schedule == "cosine":
+        if isinstance(self.lr_schedule, str) and self.lr_schedule == "cosine":
             callbacks.append(("lr_scheduler", LRScheduler(
-                torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)))
-        elif self.lr_schedule == "step":
-            callbacks.append(("lr_scheduler", LRScheduler(
-                torch.optim.lr_scheduler.StepLR, step_size=max(epochs // 3, 1), gamma=0.1)))
+                torch.optim.lr_scheduler.CosineAnnealingLR, T_max=self.max_epochs)))
         if validate:
-            # without patience, stop never but still restore the best epoch
-            patience = self.patience if self.patience is not None else epochs + 1
+            # patience=None never stops, and still restores the best epoch's weights
             callbacks.append(("early_stopping", EarlyStopping(
-                monitor="valid_loss", patience=patience, load_best=True)))
+                monitor="valid_loss", patience=self.patience, load_best=True)))
         callbacks.append(("print_log", PrintLog()))
         return callbacks
 
@@ -858,7 +692,7 @@ use_caching, torch_load_kwargs
         config = self._data_config()
         source = as_image_source(X)
         train = ImageDataset(source, config, targets=y, augment=self.augment)
-        if not self.train_split:
+        if self.train_split is None:
             return train, None
         try:
             ds_train, ds_valid = self.train_split(train, y, **fit_params)
@@ -891,8 +725,8 @@ use_caching, torch_load_kwargs
                 # the training loader is iterated once per epoch: keep its workers, unless
                 # checkpointing: fresh workers seeded from the main RNG each epoch are what
                 # a resumed fit can replay
-                checkpointing = self.__dict__.get("_checkpoint_run") is not None
-                kwargs.setdefault("persistent_workers", training and not checkpointing)
+                kwargs.setdefault("persistent_workers",
+                                  training and self.checkpoint_dir is None)
         return _CheckedLoader(iterator(dataset, **kwargs))
 
     # ----------------------------------------------------- training steps
@@ -901,6 +735,7 @@ use_caching, torch_load_kwargs
         return Runtime.from_device(self.device)
 
     def infer(self, x: Any, **fit_params: Any) -> torch.Tensor:
+        # autocast where the device computes faster in float16; losses in float32
         runtime = self._runtime()
         if isinstance(x, torch.Tensor):
             x = runtime.to_device(x)
@@ -921,9 +756,11 @@ use_caching, torch_load_kwargs
         return actionable_oom(size, name, advice)
 
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
-        """One optimisation step; a CUDA out-of-memory error names ``batch_size``."""
+        # a CUDA out-of-memory error names batch_size; float16 needs a gradient scaler
         with self._oom_hint(training=True):
-            return self._train_step(batch, **fit_params)
+            if self._runtime().amp_dtype != torch.float16:
+                return super().train_step(batch, **fit_params)
+            return self._scaled_train_step(batch, **fit_params)
 
     def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
         with self._oom_hint(training=False):
@@ -933,11 +770,9 @@ use_caching, torch_load_kwargs
         with self._oom_hint(training=False):
             return super().evaluation_step(batch, training=training)
 
-    def _train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
-        """skorch's step on the CPU; on CUDA with float16 autocast, a gradient scaler."""
+    def _scaled_train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
+        """skorch's train step with float16 autocast and a gradient scaler (CUDA)."""
         runtime = self._runtime()
-        if runtime.amp_dtype != torch.float16:
-            return super().train_step(batch, **fit_params)
         scaler = self.__dict__.get("grad_scaler_")
         if scaler is None:
             scaler = self.grad_scaler_ = torch.amp.GradScaler(runtime.device.type)
@@ -990,18 +825,3 @@ use_caching, torch_load_kwargs
         state = super().__getstate__()
         state.pop("grad_scaler_", None)
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        requested = state.get("device")
-        if isinstance(requested, str) and requested == "auto":
-            # load onto what "auto" means on this machine (the CPU without CUDA)
-            state = {**state, "device": str(resolve_device("auto"))}
-        super().__setstate__(state)
-        if isinstance(requested, str) and requested == "auto":
-            self.__dict__["device"] = "auto"
-
-    def _check_device(self, requested_device: Any, map_device: Any) -> Any:
-        # skorch's load_params writes this back to self.device: keep "auto"
-        if self.__dict__.get("device") == "auto":
-            return "auto"
-        return super()._check_device(requested_device, map_device)

@@ -39,7 +39,9 @@ _CLASSES = {"FineTunedClassifier": FineTunedClassifier,
             "CNNFeatureTransformer": CNNFeatureTransformer}
 #: types the estimators' parameters hold, rebuilt by :func:`load` without asking
 TRUSTED_TYPES = [
+    "sklearn_transfer.finetune.FineTuneModule",
     "sklearn_transfer.finetune._ValidSplit",
+    "skorch.dataset.Dataset",
     "skorch.dataset.ValidSplit",
     "torch.utils.data.dataloader.DataLoader",
     "torch.nn.modules.loss.CrossEntropyLoss",

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sklearn_transfer.backbones import Backbone, DataConfig
+from sklearn_transfer import Backbone, DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SKLEARN_TRANSFER_DATA", REPO.parent / "shared" / "data"))

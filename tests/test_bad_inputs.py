@@ -7,6 +7,7 @@ within seconds. ``docs/bad_inputs.md`` is the table of this behaviour; keep both
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,11 @@ def _exif_rotated(d: Path) -> Path:
     return d / "rotated.jpg"
 
 
+def _fifo(d: Path) -> Path:
+    os.mkfifo(d / "pipe.jpg")  # opening it for reading blocks until someone writes
+    return d / "pipe.jpg"
+
+
 def _bomb(d: Path) -> Path:
     Image.new("L", (400, 400)).save(d / "bomb.png")
     return d / "bomb.png"
@@ -114,6 +120,9 @@ CASES = [
     Case("mixed paths and arrays", lambda d: np.zeros((20, 20, 3), np.uint8), OK),
     Case("non-string, non-path object", lambda d: {"not": "an image"},
          (TypeError, ["index 6", "dict"])),
+    Case("named pipe (FIFO)", _fifo, (ValueError, ["pipe.jpg", "index 6", "named pipe"])),
+    Case("device file", lambda d: Path("/dev/zero"), (ValueError, ["/dev/zero", "index 6",
+                                                                  "device"])),
 ]
 
 

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.suite import RESULTS, STRATEGIES, Dataset, default_out, find_datasets, run
+from benchmarks.suite import (
+    LATEST,
+    REPO,
+    RESULTS,
+    STRATEGIES,
+    Dataset,
+    default_out,
+    find_datasets,
+    output_folder,
+    run,
+)
 
 from .conftest import colour_images
 
@@ -64,8 +76,47 @@ def test_only_the_full_run_writes_the_report_readme_quotes():
     digits, toy = (Dataset(name, *[np.arange(4)] * 4) for name in ("sklearn_digits", "toy"))
     assert default_out([toy], quick=False, subset=False) == RESULTS
     assert default_out([toy], quick=False, subset=True) == RESULTS / "partial"
-    assert default_out([digits], quick=False, subset=False) == RESULTS / "digits"
+    assert default_out([digits], quick=False, subset=False) == LATEST
     assert default_out([toy], quick=True, subset=False) == RESULTS / "quick"
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def _in_a_git_checkout() -> bool:
+    return shutil.which("git") is not None and _git("rev-parse", "--git-dir").returncode == 0
+
+
+@pytest.mark.skipif(not _in_a_git_checkout(), reason="not a git checkout (or no git)")
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], LATEST),                                            # README's main job, as typed
+    (["--quick"], RESULTS / "quick"),
+    (["--data", "DATA", "--datasets", "toy"], RESULTS / "partial"),
+    (["--data", "DATA", "--strategies", "codes_logreg"], RESULTS / "partial"),
+    (["--data", "DATA", "--quick"], RESULTS / "quick"),
+], ids=["main job", "quick", "dataset subset", "strategy subset", "quick with data"])
+def test_the_main_job_and_smoke_runs_write_where_git_status_stays_clean(argv, expected,
+                                                                        tmp_path):
+    make_folders(tmp_path / "data")
+    out = output_folder([str(tmp_path / "data") if a == "DATA" else a for a in argv])
+    assert out == expected
+    rel = out.relative_to(REPO).as_posix()
+    # the folder and every file the run writes there are git-ignored ...
+    for path in (f"{rel}/", f"{rel}/results.json", f"{rel}/results.md", f"{rel}/accuracy.png",
+                 f"{rel}/learning_curves.png", f"{rel}/cache/sklearn_transfer_codes.sqlite3"):
+        assert _git("check-ignore", "-q", path).returncode == 0, f"{path} is not git-ignored"
+    # ... and it holds no committed file the run could overwrite
+    assert _git("ls-files", "--", rel).stdout == ""
+
+
+@pytest.mark.skipif(not _in_a_git_checkout(), reason="not a git checkout (or no git)")
+def test_the_committed_digits_report_is_written_only_when_asked(tmp_path):
+    committed = RESULTS / "digits"
+    assert _git("ls-files", "--", "benchmarks/results/digits").stdout  # README links it
+    assert output_folder([]) != committed
+    assert output_folder(["--out", str(committed)]) == committed
+    assert output_folder(["--out", str(tmp_path)]) == tmp_path
 
 
 def test_a_misspelt_dataset_name_is_an_error_naming_what_exists(tmp_path):

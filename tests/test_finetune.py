@@ -18,6 +18,7 @@ from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
 
 from sklearn_transfer import Backbone, FineTunedClassifier, get_backbone, load_image_folder
+from sklearn_transfer.finetune import DEFAULT_DEVICE, FineTuneModule
 from sklearn_transfer.images import ImageLoadError
 
 from .conftest import colour_images, make_tiny_backbone, real_dataset
@@ -167,16 +168,25 @@ def test_smaller_learning_rate_for_pretrained_layers_and_routed_parameters():
     clf = tiny(lr=0.02, backbone_lr_mult=0.25, lr_schedule=None, max_epochs=1,
                optimizer__weight_decay=0.05, callbacks__early_stopping__patience=7,
                iterator_train__drop_last=True).fit(X, y)
-    lrs = [g["lr"] for g in clf.optimizer_.param_groups]
-    assert lrs == [0.02, 0.02 * 0.25]  # head, then the pretrained layers
+    assert lr_by_part(clf) == {"head": {0.02}, "backbone": {0.02 * 0.25}}
+    # through skorch's own param_groups: the pretrained layers' group, then the rest
+    assert [g["lr"] for g in clf.optimizer_.param_groups] == [0.02 * 0.25, 0.02]
     assert all(g["weight_decay"] == 0.05 for g in clf.optimizer_.param_groups)
     assert isinstance(clf.optimizer_, torch.optim.AdamW)
     assert dict(clf.callbacks_)["early_stopping"].patience == 7
     assert dict(clf.callbacks_)["early_stopping"].load_best
     # explicit param groups take precedence over the multiplier
     clf = tiny(max_epochs=1, lr_schedule=None,
-               optimizer__param_groups=[("head.*", {"lr": 0.5})]).fit(X, y)
-    assert clf.optimizer_.param_groups[0]["lr"] == 0.5
+               optimizer__param_groups=[("head.*", {"lr": 0.5}), ("backbone.stages.2.*",
+                                                                  {"lr": 0.1})]).fit(X, y)
+    assert lr_by_part(clf) == {"head": {0.5}, "backbone": {0.1, 1e-2 * 0.1}}
+
+
+def lr_by_part(clf) -> dict[str, set[float]]:
+    """The learning rates the optimizer gives the head's and the backbone's parameters."""
+    lr = {id(p): g["lr"] for g in clf.optimizer_.param_groups for p in g["params"]}
+    return {part: {lr[id(p)] for p in getattr(clf.module_, part).parameters() if p.requires_grad}
+            for part in ("head", "backbone")}
 
 
 def test_cosine_schedule_and_best_validation_weights_are_restored():
@@ -233,12 +243,17 @@ def test_clear_errors():
         tiny().fit(X, ["a"] * 12)
     with pytest.raises(ValueError, match="continuous"):
         tiny().fit(X, np.linspace(0, 1, 12))
-    with pytest.raises(ValueError, match="lr_schedule='linear'"):
+    # scikit-learn's parameter validation names the parameter and the value
+    with pytest.raises(ValueError, match="'lr_schedule' parameter .* Got 'linear'"):
         tiny(lr_schedule="linear").fit(X, y)
-    with pytest.raises(ValueError, match="backbone_lr_mult=-1"):
+    with pytest.raises(ValueError, match="'backbone_lr_mult' parameter .* Got -1"):
         tiny(backbone_lr_mult=-1).fit(X, y)
-    with pytest.raises(ValueError, match="max_epochs=0"):
+    with pytest.raises(ValueError, match="'max_epochs' parameter .* Got 0"):
         tiny(max_epochs=0).fit(X, y)
+    for name, value in (("lr", float("inf")), ("backbone_lr_mult", float("inf")),
+                        ("backbone_lr_mult", float("nan"))):  # a diverging fit: refused
+        with pytest.raises(ValueError, match=rf"{name}\b.*(Got {value}|must be finite)"):
+            tiny(**{name: value}).fit(X, y)
     with pytest.raises(ValueError, match="train_split=None"):
         tiny().fit(X[:3], y[:3])  # too few images for a stratified validation split
     with pytest.raises(ValueError, match="unexpected argument.*iterator_train_shuffle"):
@@ -273,7 +288,8 @@ def test_params_are_untouched_and_clone_is_fresh():
     X, y = two_colours(16)
     clf = tiny(max_epochs=1, iterator_train__num_workers=0)
     params = clf.get_params(deep=False)
-    assert params["device"] == "auto" and "module" not in params
+    # the device default is a plain value; the module class is skorch's routed component
+    assert params["device"] == DEFAULT_DEVICE and params["module"] is FineTuneModule
     assert params["iterator_train__num_workers"] == 0
     clf.fit(X, y)
     after = clf.get_params(deep=False)
@@ -296,7 +312,7 @@ def test_pickle_and_joblib_round_trips_predict_identically(tmp_path):
     expected = clf.predict_proba(X)
     restored = pickle.loads(pickle.dumps(clf))
     np.testing.assert_array_equal(restored.predict_proba(X), expected)
-    assert restored.get_params()["device"] == "auto"
+    assert restored.get_params()["device"] == clf.device
     joblib.dump(clf, tmp_path / "clf.joblib")
     loaded = joblib.load(tmp_path / "clf.joblib")
     np.testing.assert_array_equal(loaded.predict_proba(X), expected)

@@ -24,7 +24,7 @@ def fitted_classifier(**params) -> FineTunedClassifier:
     X = colour_images(16, size=40)
     y = np.array(["red", "green"] * 8)
     defaults = dict(freeze_depth=1, max_epochs=2, batch_size=8, random_state=0, verbose=0,
-                    class_weight="balanced", head_hidden=6)
+                    class_weight="balanced", module__head_hidden=6)
     return FineTunedClassifier(make_tiny_backbone(), **{**defaults, **params}).fit(X, y)
 
 
@@ -41,7 +41,7 @@ def test_fine_tuned_classifier_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.predict(X), clf.predict(X))
     assert loaded.classes_.tolist() == ["green", "red"]
     np.testing.assert_array_equal(loaded.class_weight_, clf.class_weight_)
-    assert loaded.get_params()["head_hidden"] == 6 and loaded.weights == "pretrained"
+    assert loaded.get_params()["module__head_hidden"] == 6 and loaded.weights == "pretrained"
     with pytest.raises(ValueError, match="pass backbone="):
         load(tmp_path / "clf.zip")
     with pytest.raises(ValueError, match="do not fit the backbone"):

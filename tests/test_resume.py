@@ -17,7 +17,7 @@ import torch
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
-import sklearn_transfer.checkpoint as checkpoint_module
+import sklearn_transfer.files as files_module
 from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
 
 from .conftest import REPO, colour_images, make_tiny_backbone
@@ -45,6 +45,11 @@ def data(n: int = 24):
     return colour_images(n, size=40), np.array(["red", "green"] * (n // 2))
 
 
+def without_timings(history) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("dur", "batches")}
+            for row in history.to_list()]
+
+
 def checkpoints(directory) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -60,7 +65,7 @@ CHILD = textwrap.dedent("""
 
     checkpoint_dir, out, pause_marker = sys.argv[1], sys.argv[2], sys.argv[3]
     epochs_seen = []
-    original = FineTunedClassifier._train_step
+    original = FineTunedClassifier.train_step
 
     def train_step(self, batch, **kwargs):
         # not a parameter: the killed and the resumed process are the same run
@@ -71,7 +76,7 @@ CHILD = textwrap.dedent("""
             time.sleep(300)
         return result
 
-    FineTunedClassifier._train_step = train_step
+    FineTunedClassifier.train_step = train_step
     X = colour_images(24, size=40)
     y = np.array(["red", "green"] * 12)
     clf = FineTunedClassifier(make_tiny_backbone(), freeze_depth=1, max_epochs=4,
@@ -129,14 +134,14 @@ class Crash(Exception):
 
 
 def crash_in_epoch(monkeypatch, epoch: int) -> None:
-    original = FineTunedClassifier._train_step
+    original = FineTunedClassifier.train_step
 
     def train_step(self, batch, **kwargs):
         if len(self.history) == epoch:
             raise Crash(f"crash in epoch {epoch}")
         return original(self, batch, **kwargs)
 
-    monkeypatch.setattr(FineTunedClassifier, "_train_step", train_step)
+    monkeypatch.setattr(FineTunedClassifier, "train_step", train_step)
 
 
 def test_resume_is_exact_with_dataloader_workers_and_early_stopping(tmp_path, monkeypatch):
@@ -157,6 +162,8 @@ def test_resume_is_exact_with_dataloader_workers_and_early_stopping(tmp_path, mo
     assert len(checkpoints(tmp_path / "run")) == 1  # kept after a failed fit
     resumed = tiny(checkpoint_dir=tmp_path / "run", **params).fit(X, y)
     assert resumed.history[:, "valid_loss"] == reference.history[:, "valid_loss"]
+    # the whole history, best-epoch marks included, is the uninterrupted run's (but timings)
+    assert without_timings(resumed.history) == without_timings(reference.history)
     np.testing.assert_array_equal(resumed.predict_proba(X), reference.predict_proba(X))
     assert checkpoints(tmp_path / "run") == [] and checkpoints(tmp_path / "ref") == []
 
@@ -225,7 +232,7 @@ def test_a_write_interrupted_half_way_leaves_the_previous_checkpoint(tmp_path, m
         fh.truncate(100)  # the disk filled up, the process was killed ...
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", save_half_then_die)
+    monkeypatch.setattr(files_module.torch, "save", save_half_then_die)
     with pytest.raises(OSError, match="No space"):
         tiny(checkpoint_dir=tmp_path).fit(X, y)  # resumes, fails saving epoch 3
     assert checkpoints(tmp_path) == [name]  # no temporary file left behind
