@@ -656,11 +656,11 @@ def get_backbone(
 
 
 # A grid search builds a fresh estimator for every fold and candidate (31 times for 5
-# folds x 6 candidates); rebuilding and re-verifying the weights cost ~0.13 s each. The
+# folds x 6 candidates), and building means reading and verifying the weights file. The
 # built-in offline weights are fixed, checksummed files, so each process builds such a
-# network once and hands out deep copies (~20 ms); downloaded models, possibly large, are
-# not kept. Building runs under fork_rng: whether it happened in this process already
-# must not change what a seeded caller draws next. The lock keeps threads from building
+# network once and hands out deep copies, several times cheaper; downloaded models,
+# possibly large, are not kept. Building runs under fork_rng: whether it happened in this
+# process already must not change what a seeded caller draws next. The lock keeps threads from building
 # twice or interleaving fork_rng's save/restore of the global generator.
 _PRETRAINED: dict[str, Backbone] = {}
 _PRETRAINED_LOCK = threading.Lock()

@@ -150,7 +150,8 @@ def content_key(source: ImageSource, index: int) -> bytes:
 
 
 # A grid search keys the same files once per fold and candidate (61 times for 5 folds x 6
-# settings), and reading and hashing 2,000 JPEGs costs ~30 ms each time. So within a process
+# settings), and reading and hashing every file each time would cost more than the head
+# fits the search is about. So within a process
 # a file's key is reused while its (device, inode, size, mtime, ctime) are unchanged, git's
 # test for an unchanged file; on POSIX ctime cannot be set back by the user. As in git
 # ("racy git"), a file whose times were less than _SETTLED_NS old when it was hashed is not
