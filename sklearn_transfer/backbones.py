@@ -660,8 +660,8 @@ def get_backbone(
 # built-in offline weights are fixed, checksummed files, so each process builds such a
 # network once and hands out deep copies, several times cheaper; downloaded models,
 # possibly large, are not kept. Building runs under fork_rng: whether it happened in this
-# process already must not change what a seeded caller draws next. The lock keeps threads from building
-# twice or interleaving fork_rng's save/restore of the global generator.
+# process already must not change what a seeded caller draws next. The lock keeps threads
+# from building twice or interleaving fork_rng's save/restore of the global generator.
 _PRETRAINED: dict[str, Backbone] = {}
 _PRETRAINED_LOCK = threading.Lock()
 
