@@ -149,7 +149,10 @@ class TrainingCheckpoint(Callback):
     Place it first among the callbacks (``FineTunedClassifier`` does): its
     ``on_train_begin`` restores the history before the scoring callbacks
     read it, and the state after epoch ``k`` is written at the start of
-    epoch ``k + 1``, once every callback has recorded epoch ``k``.
+    epoch ``k + 1``, once every callback has recorded epoch ``k``. It is
+    active for the one training run after :meth:`open` (the fit calls it;
+    later ``partial_fit`` calls continue another run and are not saved),
+    and deletes the file when that run completes.
 
     Parameters
     ----------
@@ -159,7 +162,7 @@ class TrainingCheckpoint(Callback):
     Attributes
     ----------
     path_ : Path or None
-        The file of the current run (set by :meth:`open`).
+        The file of the current run (set by :meth:`open`, ``None`` once it has ended).
     resumed_epochs_ : int
         Epochs the current fit took from the checkpoint.
     """
@@ -173,6 +176,7 @@ class TrainingCheckpoint(Callback):
         self.resumed_epochs_ = 0
         self._state: dict[str, Any] | None = None
         self._start_rng: dict[str, Any] | None = None
+        self._opened = False
         return self
 
     def open(self, net: Any, X: Any, y: Any) -> int:
@@ -206,9 +210,14 @@ class TrainingCheckpoint(Callback):
                                  "train from the start")
             self._state = state
         self.resumed_epochs_ = 0 if self._state is None else int(self._state["epoch"])
+        self._opened = True
         return self.resumed_epochs_
 
     def on_train_begin(self, net: Any, **kwargs: Any) -> None:
+        if not self._opened:  # a continuation (partial_fit, warm start): not this run's
+            self.path_, self._state = None, None
+            return
+        self._opened = False
         if self._state is None:
             self._start_rng = capture_rng()
             return
@@ -274,8 +283,18 @@ class TrainingCheckpoint(Callback):
             "rng": capture_rng(),
         }, self.path_)
 
-    def remove(self) -> None:
-        """Delete the checkpoint once the fit has completed."""
-        if self.path_ is not None:
+    def on_train_end(self, net: Any, **kwargs: Any) -> None:
+        # skorch ends training alike after early stopping and after Ctrl-C (both a
+        # KeyboardInterrupt); only a completed run has no more use for its file
+        if self.path_ is not None and _completed(net):
             with contextlib.suppress(OSError):
                 self.path_.unlink()
+        self.path_ = None
+
+
+def _completed(net: Any) -> bool:
+    """All epochs ran, or early stopping ended the training (not a user's Ctrl-C)."""
+    if len(net.history) >= net.max_epochs:
+        return True
+    return any(isinstance(cb, EarlyStopping) and cb.misses_ == cb.patience
+               for _, cb in net.callbacks_)

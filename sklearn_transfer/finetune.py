@@ -22,6 +22,7 @@ skorch users know them. What it adds:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 import os
@@ -60,13 +61,15 @@ from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batch
 from sklearn_transfer.checkpoint import TrainingCheckpoint
 from sklearn_transfer.images import as_image_source
 from sklearn_transfer.preprocessing import DataConfig, augment_options
-from sklearn_transfer.runtime import Runtime, actionable_oom, seed_worker, seeded
+from sklearn_transfer.runtime import (
+    Runtime,
+    actionable_oom,
+    resolve_device,
+    seed_worker,
+    seeded,
+)
 
 __all__ = ["FineTuneModule", "FineTunedClassifier", "resolve_freeze_depth"]
-
-#: CUDA when a GPU is visible, the CPU otherwise (a fitted model pickled on a GPU machine
-#: is mapped to the CPU by skorch where there is none).
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------- the network
@@ -125,9 +128,9 @@ class FineTuneModule(nn.Module):
     n_classes : int
     freeze_depth : int
         Number of leading stages frozen (already resolved).
-    head_hidden : int or None
+    head_hidden : int or None, default=None
         Width of an optional hidden layer (ReLU) in the head.
-    head_dropout : float, default=0.2
+    head_dropout : float in [0, 1), default=0.2
         Dropout before each linear layer of the head.
 
     Examples
@@ -152,6 +155,12 @@ class FineTuneModule(nn.Module):
         head_hidden: int | None = None,
         head_dropout: float = 0.2,
     ) -> None:
+        validate_parameter_constraints(
+            {"head_hidden": [Interval(numbers.Integral, 1, None, closed="left"), None],
+             "head_dropout": [Interval(numbers.Real, 0, 1, closed="left")]},
+            {"head_hidden": head_hidden, "head_dropout": head_dropout},
+            caller_name=type(self).__name__,
+        )
         super().__init__()
         width = backbone.widths[-1]
         backbone.classifier = None  # the ImageNet head is replaced, not trained
@@ -217,6 +226,8 @@ class _ValidSplit(ValidSplit):
 DEFAULT_TRAIN_SPLIT = _ValidSplit(0.2, stratified=True)
 
 
+def _is_auto(device: Any) -> bool:
+    return isinstance(device, str) and device == "auto"
 
 
 # -------------------------------------------------------------------- the estimator
@@ -249,9 +260,11 @@ class FineTunedClassifier(NeuralNetClassifier):
         to the optimizer, and keep their BatchNorm layers in evaluation mode.
     backbone_lr_mult : float, default=0.1
         Learning rate of the pretrained (unfrozen) layers relative to ``lr``,
-        which the new head uses: the last of the ``optimizer__param_groups``,
-        ``("backbone.*", {"lr": lr * backbone_lr_mult})``, after your own
-        groups (which therefore take precedence).
+        which the new head uses. Both are default ``optimizer__param_groups``
+        entries, matched by skorch after your own groups (which therefore
+        take precedence): ``("head.*", {})``, then ``("backbone.*", {"lr": lr *
+        backbone_lr_mult})``. Without groups of your own the head is group 0,
+        whose rate skorch's ``LRScheduler`` records as ``event_lr``.
     augment : bool or dict, default=True
         Training augmentation from the backbone's preprocessing (see
         :func:`~sklearn_transfer.preprocessing.augment_options`): random
@@ -310,9 +323,12 @@ class FineTunedClassifier(NeuralNetClassifier):
     train_split : callable or None, default=ValidSplit(0.2, stratified=True)
         skorch's internal validation split (for the epoch table, early
         stopping and the best weights); ``None`` trains on everything.
-    device : str, default="cuda" if a GPU is visible, else "cpu"
-        On CUDA: float16 autocast with a gradient scaler and pinned memory.
-        The network runs ``channels_last``.
+    device : str or torch.device, default="auto"
+        ``"auto"`` is CUDA when a GPU is visible, else the CPU (see
+        :func:`~sklearn_transfer.runtime.resolve_device`), decided where the
+        network is built or unpickled: a model pickled on a GPU machine loads
+        on one without. On CUDA: float16 autocast with a gradient scaler and
+        pinned memory. The network runs ``channels_last``.
     **kwargs
         Any other skorch parameter: ``callbacks``, ``verbose`` (1 prints the
         epoch table), ``classes`` (all labels, if ``y`` may lack some),
@@ -386,20 +402,24 @@ class FineTunedClassifier(NeuralNetClassifier):
     # backbone may hold a module: as a component prefix, skorch's __setattr__ lets
     # set_params assign one (grid searches over networks) as it does for `module`
     prefixes_ = [*NeuralNetClassifier.prefixes_, "backbone"]
+    # skorch maps these to the CPU when a net pickled on a GPU is loaded without one: the
+    # callbacks hold device tensors too (early stopping's best weights, the schedulers'
+    # optimizer), pickled with the module and optimizer they refer to
+    cuda_dependent_attributes_ = ["callbacks_"]
 
     _parameter_constraints: dict = {
         "backbone": [str, nn.Module],
         "weights": [str, os.PathLike, None],
         "freeze_depth": [Interval(numbers.Integral, None, None, closed="neither"),
                          StrOptions({"all"})],
-        "backbone_lr_mult": [Interval(numbers.Real, 0, None, closed="left")],
+        "backbone_lr_mult": [Interval(numbers.Real, 0, np.inf, closed="left")],
         "augment": ["boolean", dict],
         "class_weight": [StrOptions({"balanced"}), dict, None],
         "patience": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "lr_schedule": [StrOptions({"cosine"}), None],
         "random_state": ["random_state"],
         "checkpoint_dir": [str, os.PathLike, None],
-        "lr": [Interval(numbers.Real, 0, None, closed="neither")],
+        "lr": [Interval(numbers.Real, 0, np.inf, closed="neither")],
         "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"),
                        Options(numbers.Integral, {-1})],
@@ -426,7 +446,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         max_epochs: int = 5,
         batch_size: int = 32,
         train_split: Any = DEFAULT_TRAIN_SPLIT,
-        device: str = DEFAULT_DEVICE,
+        device: str | torch.device = "auto",
         **kwargs: Any,
     ) -> None:
         self.backbone = backbone
@@ -457,6 +477,49 @@ class FineTunedClassifier(NeuralNetClassifier):
     def __repr__(self) -> str:  # scikit-learn's: the parameters that differ from the defaults
         return BaseEstimator.__repr__(self)
 
+    # ------------------------------------------------------------ device
+
+    @contextlib.contextmanager
+    def _device_resolved(self) -> Iterator[None]:
+        """For the block, ``self.device`` names the device ``"auto"`` stands for.
+
+        skorch moves modules and tensors to ``self.device`` itself, and torch
+        knows no ``"auto"``; outside the block the parameter holds what the
+        user passed, so ``get_params`` and ``clone`` see it unchanged.
+        """
+        requested = self.device
+        if not _is_auto(requested):
+            yield
+            return
+        resolved = self.device = str(resolve_device(requested))
+        try:
+            yield
+        finally:
+            if self.device is resolved:  # unless the block set another (set_params)
+                self.device = requested
+
+    # skorch moves the module and criterion to self.device in these three
+    def initialize(self) -> FineTunedClassifier:
+        with self._device_resolved():
+            return super().initialize()
+
+    def set_params(self, **params: Any) -> FineTunedClassifier:
+        with self._device_resolved():  # re-initialising a fitted net's module moves it
+            return super().set_params(**params)
+
+    def load_params(self, *args: Any, **kwargs: Any) -> None:
+        with self._device_resolved():
+            super().load_params(*args, **kwargs)
+
+    def __setstate__(self, state: dict) -> None:
+        # skorch maps the pickled tensors to state["device"]: "auto" is this machine's
+        auto = _is_auto(state.get("device"))
+        if auto:
+            state["device"] = str(resolve_device("auto"))
+        super().__setstate__(state)
+        if auto:
+            self.device = "auto"
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
@@ -481,10 +544,8 @@ class FineTunedClassifier(NeuralNetClassifier):
             {name: getattr(self, name) for name in self._parameter_constraints},
             caller_name=type(self).__name__,
         )
-        if not np.isfinite(self.lr) or not np.isfinite(self.backbone_lr_mult):
-            raise ValueError(f"lr={self.lr!r} and backbone_lr_mult={self.backbone_lr_mult!r} "
-                             "must be finite")
         augment_options(self.augment)  # names an unknown augmentation option
+        resolve_device(self.device)  # names a device torch does not know or cannot use
 
     def _set_targets(self, y: Any, classes: Any = None) -> None:
         """Learn the label encoding and class weights from ``y`` (or ``classes``)."""
@@ -556,26 +617,19 @@ class FineTunedClassifier(NeuralNetClassifier):
         self
         """
         self._check_params()
-        checkpoint, epochs = None, None
+        epochs = None
         with seeded(self.random_state):
             if not self.warm_start or not self.initialized_:
                 self._set_targets(y, self.classes)
                 self.initialize()
                 checkpoint = dict(self.callbacks_).get("checkpoint")  # fits from scratch only
-            if isinstance(checkpoint, TrainingCheckpoint):
-                # a resumed fit runs the epochs the interrupted one did not complete
-                epochs = max(self.max_epochs - checkpoint.open(self, X, self._check_y(y)), 0)
+                if isinstance(checkpoint, TrainingCheckpoint):
+                    # skorch's own way to run fewer epochs (fit_loop's ``epochs``): those
+                    # the interrupted fit did not complete
+                    done = checkpoint.open(self, X, self._check_y(y))
+                    epochs = max(self.max_epochs - done, 0)
             self._partial_fit(X, y, epochs=epochs, _routing_method="fit", **fit_params)
-        if isinstance(checkpoint, TrainingCheckpoint) and self._training_completed():
-            checkpoint.remove()
         return self
-
-    def _training_completed(self) -> bool:
-        """All epochs ran, or early stopping ended the fit (not a user's Ctrl-C)."""
-        if len(self.history) >= self.max_epochs:
-            return True
-        return any(isinstance(cb, EarlyStopping) and cb.misses_ == cb.patience
-                   for _, cb in self.callbacks_)
 
     def partial_fit(self, X: Any, y: Any = None, classes: Any = None,
                     **fit_params: Any) -> FineTunedClassifier:
@@ -598,8 +652,9 @@ class FineTunedClassifier(NeuralNetClassifier):
             raise ValueError(f"X holds {len(source)} images but y has {len(y_enc)} labels")
         routing = fit_params.pop("_routing_method", "partial_fit")
         try:
-            NeuralNetClassifier.partial_fit(
-                self, source, y_enc, _routing_method=routing, **fit_params)
+            with self._device_resolved():  # the loop moves targets and scores to self.device
+                NeuralNetClassifier.partial_fit(
+                    self, source, y_enc, _routing_method=routing, **fit_params)
         finally:
             # the scaler is a training-time helper; never keep it in the model
             self.__dict__.pop("grad_scaler_", None)
@@ -638,9 +693,10 @@ class FineTunedClassifier(NeuralNetClassifier):
     def get_params_for(self, prefix: str) -> dict[str, Any]:
         kwargs = super().get_params_for(prefix)
         if prefix == "optimizer":
-            # the pretrained layers' default rate, after (so beneath) the user's own groups
+            # skorch's get_params_for_optimizer matches these after (so beneath) the user's
+            # own groups: the head first (group 0), then the pretrained layers' rate
             lr = kwargs.get("lr", self.lr) * self.backbone_lr_mult
-            kwargs["param_groups"] = [*kwargs.get("param_groups", []),
+            kwargs["param_groups"] = [*kwargs.get("param_groups", []), ("head.*", {}),
                                       ("backbone.*", {"lr": lr})]
         return kwargs
 

@@ -18,7 +18,7 @@ from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
 
 from sklearn_transfer import Backbone, FineTunedClassifier, get_backbone, load_image_folder
-from sklearn_transfer.finetune import DEFAULT_DEVICE, FineTuneModule
+from sklearn_transfer.finetune import FineTuneModule
 from sklearn_transfer.images import ImageLoadError
 
 from .conftest import colour_images, make_tiny_backbone, real_dataset
@@ -169,8 +169,8 @@ def test_smaller_learning_rate_for_pretrained_layers_and_routed_parameters():
                optimizer__weight_decay=0.05, callbacks__early_stopping__patience=7,
                iterator_train__drop_last=True).fit(X, y)
     assert lr_by_part(clf) == {"head": {0.02}, "backbone": {0.02 * 0.25}}
-    # through skorch's own param_groups: the pretrained layers' group, then the rest
-    assert [g["lr"] for g in clf.optimizer_.param_groups] == [0.02 * 0.25, 0.02]
+    # through skorch's own param_groups: the head is group 0, whose rate skorch records
+    assert [g["lr"] for g in clf.optimizer_.param_groups] == [0.02, 0.02 * 0.25]
     assert all(g["weight_decay"] == 0.05 for g in clf.optimizer_.param_groups)
     assert isinstance(clf.optimizer_, torch.optim.AdamW)
     assert dict(clf.callbacks_)["early_stopping"].patience == 7
@@ -194,8 +194,9 @@ def test_cosine_schedule_and_best_validation_weights_are_restored():
     split = ValidSplit(0.25, stratified=True, random_state=0)
     clf = tiny(max_epochs=4, lr=0.05, patience=None, train_split=split).fit(X, y)
     history = clf.history_
-    # cosine annealing from lr towards 0 over max_epochs
+    # cosine annealing from lr towards 0 over max_epochs; the head's rate is recorded
     assert clf.optimizer_.param_groups[0]["lr"] < 0.05
+    assert history[0, "event_lr"] == 0.05 and history[-1, "event_lr"] < 0.05
     # the weights kept are those of the best validation epoch: recompute its loss
     _, valid = clf.get_split_datasets(X, clf.label_encoder_.transform(y))
     proba = clf.predict_proba(valid)
@@ -258,6 +259,14 @@ def test_clear_errors():
         tiny().fit(X[:3], y[:3])  # too few images for a stratified validation split
     with pytest.raises(ValueError, match="unexpected argument.*iterator_train_shuffle"):
         tiny(iterator_train_shuffle=True).fit(X, y)  # skorch's own check of routed names
+    # the head's options are the module's, validated by it
+    with pytest.raises(ValueError, match="'head_dropout' parameter of FineTuneModule .* Got 1"):
+        tiny(module__head_dropout=1).fit(X, y)
+    with pytest.raises(ValueError, match="'head_hidden' parameter of FineTuneModule .* Got 0"):
+        tiny(module__head_hidden=0).fit(X, y)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' was asked for but no CUDA GPU"):
+            tiny(device="cuda").fit(X, y)
     clf = tiny(max_epochs=1).fit(X, y)
     with pytest.raises(ValueError, match="not in the classes seen"):
         clf.partial_fit(X, np.array(["blue"] * 12))
@@ -288,8 +297,8 @@ def test_params_are_untouched_and_clone_is_fresh():
     X, y = two_colours(16)
     clf = tiny(max_epochs=1, iterator_train__num_workers=0)
     params = clf.get_params(deep=False)
-    # the device default is a plain value; the module class is skorch's routed component
-    assert params["device"] == DEFAULT_DEVICE and params["module"] is FineTuneModule
+    # the module class is skorch's routed component; "auto" stays "auto"
+    assert params["device"] == "auto" and params["module"] is FineTuneModule
     assert params["iterator_train__num_workers"] == 0
     clf.fit(X, y)
     after = clf.get_params(deep=False)
@@ -312,13 +321,52 @@ def test_pickle_and_joblib_round_trips_predict_identically(tmp_path):
     expected = clf.predict_proba(X)
     restored = pickle.loads(pickle.dumps(clf))
     np.testing.assert_array_equal(restored.predict_proba(X), expected)
-    assert restored.get_params()["device"] == clf.device
+    assert restored.get_params()["device"] == clf.device == "auto"
     joblib.dump(clf, tmp_path / "clf.joblib")
     loaded = joblib.load(tmp_path / "clf.joblib")
     np.testing.assert_array_equal(loaded.predict_proba(X), expected)
     assert np.array_equal(loaded.predict(X), clf.predict(X))
     # a loaded model can go on training
     loaded.partial_fit(X, y)
+
+
+def test_a_model_pickled_on_a_gpu_machine_loads_on_a_cpu_only_one(monkeypatch):
+    # Simulated: every tensor the net moved to the device is written as a CUDA tensor, as
+    # on a GPU machine (the user's own module stays where it was); this machine has none.
+    import torch.serialization
+
+    backbone = make_tiny_backbone()
+    X, y = two_colours(16)
+    clf = tiny(backbone=backbone, max_epochs=2).fit(X, y)  # early stopping's best weights,
+    expected = clf.predict_proba(X)                          # the scheduler's optimizer, ...
+    users = {t.untyped_storage().data_ptr() for t in [*backbone.parameters(),
+                                                      *backbone.buffers()]}
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag",
+                      lambda storage: "cpu" if storage.data_ptr() in users else "cuda:0")
+        blob = pickle.dumps(clf)
+        clf.device = "cuda"  # a net asked for CUDA explicitly: skorch maps it, and says so
+        explicit = pickle.dumps(clf)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CUDA tensors would load on it")
+    restored = pickle.loads(blob)
+    assert restored.device == "auto"
+    np.testing.assert_array_equal(restored.predict_proba(X), expected)
+    scheduler = dict(restored.callbacks_)["lr_scheduler"].lr_scheduler_
+    assert scheduler.optimizer is restored.optimizer_  # one optimizer, as before pickling
+    restored.partial_fit(X, y)
+    with pytest.warns(UserWarning, match="not available"):
+        mapped = pickle.loads(explicit)
+    assert str(mapped.device) == "cpu"
+    np.testing.assert_array_equal(mapped.predict_proba(X), expected)
+
+
+def test_set_params_after_fit_reinitialises_on_the_resolved_device():
+    X, y = two_colours(16)
+    clf = tiny(max_epochs=1).fit(X, y)
+    clf.set_params(module__head_dropout=0.5)  # skorch re-initialises the module
+    assert clf.module_.head[0].p == 0.5 and clf.device == "auto"
+    assert clf.fit(X, y).predict(X).shape == (16,)
 
 
 def test_random_state_makes_fits_identical_and_leaves_global_rngs_alone():
