@@ -22,7 +22,6 @@ skorch users know them. What it adds:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import numbers
 import os
@@ -69,7 +68,10 @@ from sklearn_transfer.runtime import (
     seeded,
 )
 
-__all__ = ["FineTuneModule", "FineTunedClassifier", "resolve_freeze_depth"]
+__all__ = ["DEFAULT_DEVICE", "FineTuneModule", "FineTunedClassifier", "resolve_freeze_depth"]
+
+#: CUDA when a GPU is visible, else the CPU: the classifier's default device.
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------- the network
@@ -226,10 +228,6 @@ class _ValidSplit(ValidSplit):
 DEFAULT_TRAIN_SPLIT = _ValidSplit(0.2, stratified=True)
 
 
-def _is_auto(device: Any) -> bool:
-    return isinstance(device, str) and device == "auto"
-
-
 # -------------------------------------------------------------------- the estimator
 
 
@@ -323,12 +321,12 @@ class FineTunedClassifier(NeuralNetClassifier):
     train_split : callable or None, default=ValidSplit(0.2, stratified=True)
         skorch's internal validation split (for the epoch table, early
         stopping and the best weights); ``None`` trains on everything.
-    device : str or torch.device, default="auto"
-        ``"auto"`` is CUDA when a GPU is visible, else the CPU (see
-        :func:`~sklearn_transfer.runtime.resolve_device`), decided where the
-        network is built or unpickled: a model pickled on a GPU machine loads
-        on one without. On CUDA: float16 autocast with a gradient scaler and
-        pinned memory. The network runs ``channels_last``.
+    device : str or torch.device, default="cuda" if a GPU is visible, else "cpu"
+        Where skorch moves the network (a plain device, as skorch takes it: the
+        default is decided when the library is imported). A model pickled on a
+        GPU machine loads on one without (skorch maps it to the CPU, with a
+        warning). On CUDA: float16 autocast with a gradient scaler and pinned
+        memory. The network runs ``channels_last``.
     **kwargs
         Any other skorch parameter: ``callbacks``, ``verbose`` (1 prints the
         epoch table), ``classes`` (all labels, if ``y`` may lack some),
@@ -446,7 +444,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         max_epochs: int = 5,
         batch_size: int = 32,
         train_split: Any = DEFAULT_TRAIN_SPLIT,
-        device: str | torch.device = "auto",
+        device: str | torch.device = DEFAULT_DEVICE,
         **kwargs: Any,
     ) -> None:
         self.backbone = backbone
@@ -477,49 +475,6 @@ class FineTunedClassifier(NeuralNetClassifier):
     def __repr__(self) -> str:  # scikit-learn's: the parameters that differ from the defaults
         return BaseEstimator.__repr__(self)
 
-    # ------------------------------------------------------------ device
-
-    @contextlib.contextmanager
-    def _device_resolved(self) -> Iterator[None]:
-        """For the block, ``self.device`` names the device ``"auto"`` stands for.
-
-        skorch moves modules and tensors to ``self.device`` itself, and torch
-        knows no ``"auto"``; outside the block the parameter holds what the
-        user passed, so ``get_params`` and ``clone`` see it unchanged.
-        """
-        requested = self.device
-        if not _is_auto(requested):
-            yield
-            return
-        resolved = self.device = str(resolve_device(requested))
-        try:
-            yield
-        finally:
-            if self.device is resolved:  # unless the block set another (set_params)
-                self.device = requested
-
-    # skorch moves the module and criterion to self.device in these three
-    def initialize(self) -> FineTunedClassifier:
-        with self._device_resolved():
-            return super().initialize()
-
-    def set_params(self, **params: Any) -> FineTunedClassifier:
-        with self._device_resolved():  # re-initialising a fitted net's module moves it
-            return super().set_params(**params)
-
-    def load_params(self, *args: Any, **kwargs: Any) -> None:
-        with self._device_resolved():
-            super().load_params(*args, **kwargs)
-
-    def __setstate__(self, state: dict) -> None:
-        # skorch maps the pickled tensors to state["device"]: "auto" is this machine's
-        auto = _is_auto(state.get("device"))
-        if auto:
-            state["device"] = str(resolve_device("auto"))
-        super().__setstate__(state)
-        if auto:
-            self.device = "auto"
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
@@ -545,6 +500,10 @@ class FineTunedClassifier(NeuralNetClassifier):
             caller_name=type(self).__name__,
         )
         augment_options(self.augment)  # names an unknown augmentation option
+        if isinstance(self.device, str) and self.device == "auto":
+            raise ValueError(
+                "device='auto' is not a device skorch can move a network to; "
+                f"FineTunedClassifier's default already is this machine's ({DEFAULT_DEVICE!r})")
         resolve_device(self.device)  # names a device torch does not know or cannot use
 
     def _set_targets(self, y: Any, classes: Any = None) -> None:
@@ -652,9 +611,8 @@ class FineTunedClassifier(NeuralNetClassifier):
             raise ValueError(f"X holds {len(source)} images but y has {len(y_enc)} labels")
         routing = fit_params.pop("_routing_method", "partial_fit")
         try:
-            with self._device_resolved():  # the loop moves targets and scores to self.device
-                NeuralNetClassifier.partial_fit(
-                    self, source, y_enc, _routing_method=routing, **fit_params)
+            NeuralNetClassifier.partial_fit(
+                self, source, y_enc, _routing_method=routing, **fit_params)
         finally:
             # the scaler is a training-time helper; never keep it in the model
             self.__dict__.pop("grad_scaler_", None)

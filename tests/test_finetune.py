@@ -18,7 +18,7 @@ from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
 
 from sklearn_transfer import Backbone, FineTunedClassifier, get_backbone, load_image_folder
-from sklearn_transfer.finetune import FineTuneModule
+from sklearn_transfer.finetune import DEFAULT_DEVICE, FineTuneModule
 from sklearn_transfer.images import ImageLoadError
 
 from .conftest import colour_images, make_tiny_backbone, real_dataset
@@ -255,6 +255,8 @@ def test_clear_errors():
                         ("backbone_lr_mult", float("nan"))):  # a diverging fit: refused
         with pytest.raises(ValueError, match=rf"{name}\b.*(Got {value}|must be finite)"):
             tiny(**{name: value}).fit(X, y)
+    with pytest.raises(ValueError, match="device='auto' is not a device skorch"):
+        tiny(device="auto").fit(X, y)  # the default already is the machine's device
     with pytest.raises(ValueError, match="train_split=None"):
         tiny().fit(X[:3], y[:3])  # too few images for a stratified validation split
     with pytest.raises(ValueError, match="unexpected argument.*iterator_train_shuffle"):
@@ -297,8 +299,8 @@ def test_params_are_untouched_and_clone_is_fresh():
     X, y = two_colours(16)
     clf = tiny(max_epochs=1, iterator_train__num_workers=0)
     params = clf.get_params(deep=False)
-    # the module class is skorch's routed component; "auto" stays "auto"
-    assert params["device"] == "auto" and params["module"] is FineTuneModule
+    # the device default is a plain value; the module class is skorch's routed component
+    assert params["device"] == DEFAULT_DEVICE and params["module"] is FineTuneModule
     assert params["iterator_train__num_workers"] == 0
     clf.fit(X, y)
     after = clf.get_params(deep=False)
@@ -321,7 +323,7 @@ def test_pickle_and_joblib_round_trips_predict_identically(tmp_path):
     expected = clf.predict_proba(X)
     restored = pickle.loads(pickle.dumps(clf))
     np.testing.assert_array_equal(restored.predict_proba(X), expected)
-    assert restored.get_params()["device"] == clf.device == "auto"
+    assert restored.get_params()["device"] == clf.device == DEFAULT_DEVICE
     joblib.dump(clf, tmp_path / "clf.joblib")
     loaded = joblib.load(tmp_path / "clf.joblib")
     np.testing.assert_array_equal(loaded.predict_proba(X), expected)
@@ -350,23 +352,30 @@ def test_a_model_pickled_on_a_gpu_machine_loads_on_a_cpu_only_one(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CUDA tensors would load on it")
     restored = pickle.loads(blob)
-    assert restored.device == "auto"
+    assert restored.device == DEFAULT_DEVICE
     np.testing.assert_array_equal(restored.predict_proba(X), expected)
     scheduler = dict(restored.callbacks_)["lr_scheduler"].lr_scheduler_
     assert scheduler.optimizer is restored.optimizer_  # one optimizer, as before pickling
     restored.partial_fit(X, y)
-    with pytest.warns(UserWarning, match="not available"):
+    with pytest.warns(UserWarning, match="available"):  # skorch: CUDA asked, none here
         mapped = pickle.loads(explicit)
     assert str(mapped.device) == "cpu"
     np.testing.assert_array_equal(mapped.predict_proba(X), expected)
 
 
-def test_set_params_after_fit_reinitialises_on_the_resolved_device():
+def test_skorch_methods_that_move_tensors_work_on_the_default_device(tmp_path):
     X, y = two_colours(16)
     clf = tiny(max_epochs=1).fit(X, y)
+    batch = torch.from_numpy(X[:4]).permute(0, 3, 1, 2)
+    assert clf.get_loss(clf.infer(batch), torch.tensor([0, 1, 0, 1])).ndim == 0
+    clf.save_params(f_params=tmp_path / "params.pt")
+    other = tiny(max_epochs=1, random_state=1).fit(X, y)
+    other.load_params(f_params=tmp_path / "params.pt")
+    np.testing.assert_array_equal(other.predict_proba(X), clf.predict_proba(X))
     clf.set_params(module__head_dropout=0.5)  # skorch re-initialises the module
-    assert clf.module_.head[0].p == 0.5 and clf.device == "auto"
+    assert clf.module_.head[0].p == 0.5
     assert clf.fit(X, y).predict(X).shape == (16,)
+    assert clf.device == other.device == DEFAULT_DEVICE
 
 
 def test_random_state_makes_fits_identical_and_leaves_global_rngs_alone():

@@ -17,6 +17,7 @@ import torch
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
+import sklearn_transfer.checkpoint as checkpoint_module
 import sklearn_transfer.files as files_module
 from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
 
@@ -198,6 +199,7 @@ class RunsCode:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the plain pickle written below
 def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path, monkeypatch):
     X, y = data()
     with monkeypatch.context() as patch:
@@ -240,6 +242,29 @@ def test_a_write_interrupted_half_way_leaves_the_previous_checkpoint(tmp_path, m
     monkeypatch.undo()
     resumed = tiny(checkpoint_dir=tmp_path).fit(X, y)
     np.testing.assert_array_equal(resumed.predict_proba(X), tiny().fit(X, y).predict_proba(X))
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_continuations_write_none(tmp_path, monkeypatch):
+    X, y = data()
+    original = FineTunedClassifier.train_step
+
+    def interrupted(self, batch, **kwargs):
+        if len(self.history) == 3:
+            raise KeyboardInterrupt  # skorch ends the fit as after early stopping
+        return original(self, batch, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FineTunedClassifier, "train_step", interrupted)
+        stopped = tiny(checkpoint_dir=tmp_path).fit(X, y)
+    assert len(stopped.history) == 3 and len(checkpoints(tmp_path)) == 1  # not completed
+    resumed = tiny(checkpoint_dir=tmp_path).fit(X, y)
+    np.testing.assert_array_equal(resumed.predict_proba(X), tiny().fit(X, y).predict_proba(X))
+    assert checkpoints(tmp_path) == []
+    # training on after the fit is another run: nothing is written, nothing is deleted
+    written = []
+    monkeypatch.setattr(checkpoint_module, "atomic_save", lambda obj, path: written.append(path))
+    resumed.partial_fit(X, y)
+    assert len(resumed.history) == 8 and written == [] and checkpoints(tmp_path) == []
 
 
 def test_bad_checkpoint_dir_is_named(tmp_path):
