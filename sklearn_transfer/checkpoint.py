@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from skorch.callbacks import Callback, EarlyStopping, LRScheduler
 from skorch.history import History
 from torch import nn
@@ -43,7 +46,7 @@ from sklearn_transfer.runtime import capture_rng, restore_rng
 
 __all__ = ["TrainingCheckpoint", "describe_value", "run_fingerprint"]
 
-FORMAT = "sklearn_transfer.fit-checkpoint/2"
+FORMAT = "sklearn_transfer.fit-checkpoint/3"
 # parameters that change neither the computation nor its result
 _NOT_IN_FINGERPRINT = ("verbose", "checkpoint_dir")
 
@@ -201,17 +204,30 @@ class TrainingCheckpoint(Callback):
         self.path_ = directory / f"fit-{self.fingerprint_[:24]}.pt"
         self._state = None
         if self.path_.is_file():
-            state = load_weights_only(self.path_, what="training checkpoint")
-            if not isinstance(state, dict) or state.get("format") != FORMAT:
-                raise ValueError(f"{str(self.path_)!r} is not a sklearn_transfer training "
-                                 f"checkpoint ({FORMAT}); delete it to train from the start")
-            if state.get("fingerprint") != self.fingerprint_:
-                raise ValueError(f"{str(self.path_)!r} belongs to another run; delete it to "
-                                 "train from the start")
-            self._state = state
+            self._state = self._read()
         self.resumed_epochs_ = 0 if self._state is None else int(self._state["epoch"])
         self._opened = True
         return self.resumed_epochs_
+
+    def _read(self) -> dict[str, Any] | None:
+        """The checkpoint's state; ``None`` (start afresh, with a warning) if it is damaged."""
+        name = str(self.path_)
+        outer = load_weights_only(self.path_, what="training checkpoint")
+        if not isinstance(outer, dict) or outer.get("format") != FORMAT:
+            raise ValueError(f"{name!r} is not a sklearn_transfer training checkpoint "
+                             f"({FORMAT}); delete it to train from the start")
+        payload = outer.get("payload")
+        if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get(
+                "sha256"):
+            # bytes changed on disk would resume into another model: never resume from it
+            warnings.warn(f"the training checkpoint {name!r} fails its checksum (damaged); "
+                          "training from the start", RuntimeWarning, stacklevel=4)
+            return None
+        state = load_weights_only(io.BytesIO(payload), what="training checkpoint", name=name)
+        if state.get("fingerprint") != self.fingerprint_:
+            raise ValueError(f"{name!r} belongs to another run; delete it to train from the "
+                             "start")
+        return state
 
     def on_train_begin(self, net: Any, **kwargs: Any) -> None:
         if not self._opened:  # a continuation (partial_fit, warm start): not this run's
@@ -271,8 +287,8 @@ class TrainingCheckpoint(Callback):
             if entry:
                 callbacks[name] = entry
         done = net.history.to_list()[:-1]  # the row of the epoch that is beginning is not done
-        atomic_save({
-            "format": FORMAT,
+        buffer = io.BytesIO()
+        torch.save({
             "fingerprint": self.fingerprint_,
             "epoch": len(done),
             "module": net.module_.state_dict(),
@@ -281,7 +297,11 @@ class TrainingCheckpoint(Callback):
             "callbacks": callbacks,
             "start_rng": self._start_rng,
             "rng": capture_rng(),
-        }, self.path_)
+        }, buffer)
+        payload = buffer.getvalue()
+        # the checksum covers every byte a resumed fit would read
+        atomic_save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                     "payload": payload}, self.path_)
 
     def on_train_end(self, net: Any, **kwargs: Any) -> None:
         # skorch ends training alike after early stopping and after Ctrl-C (both a

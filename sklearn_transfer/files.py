@@ -13,7 +13,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -38,14 +38,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_weights_only(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+def load_weights_only(path: str | os.PathLike | BinaryIO, what: str = "checkpoint",
+                      name: str | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, with an error that names the file.
 
     Parameters
     ----------
-    path : path-like
+    path : path-like or binary file object
     what : str
         What the file is, for the error message ("weights file", "training checkpoint").
+    name : str, optional
+        The name the error gives it (default: the path).
 
     Raises
     ------
@@ -55,8 +58,9 @@ def load_weights_only(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        name = os.fspath(path) if name is None else name
         raise ValueError(
-            f"could not read the {what} {os.fspath(path)!r} ({type(exc).__name__}): it is "
+            f"could not read the {what} {name!r} ({type(exc).__name__}): it is "
             "damaged, not a PyTorch file, or holds pickled Python objects, which are refused "
             "because loading them can run arbitrary code. Save plain tensors with "
             "torch.save(model.state_dict(), path)."

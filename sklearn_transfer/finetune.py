@@ -43,6 +43,7 @@ from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import column_or_1d
 from skorch import NeuralNetClassifier
 from skorch.callbacks import (
+    Callback,
     EarlyStopping,
     EpochScoring,
     EpochTimer,
@@ -68,7 +69,8 @@ from sklearn_transfer.runtime import (
     seeded,
 )
 
-__all__ = ["DEFAULT_DEVICE", "FineTuneModule", "FineTunedClassifier", "resolve_freeze_depth"]
+__all__ = ["DEFAULT_DEVICE", "FineTuneModule", "FineTunedClassifier", "FiniteLoss",
+           "resolve_freeze_depth"]
 
 #: CUDA when a GPU is visible, else the CPU: the classifier's default device.
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -214,6 +216,22 @@ class _CheckedLoader:
         if name == "loader":  # not yet set (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+class FiniteLoss(Callback):
+    """Stop training when a training batch's loss is not finite, naming the epoch.
+
+    A diverging fit (a learning rate too large for the network) otherwise
+    goes on with NaN weights and ends as a model that predicts one class.
+    """
+
+    def on_batch_end(self, net: Any, batch: Any = None, training: bool = False,
+                     loss: Any = None, **kwargs: Any) -> None:
+        if training and loss is not None and not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"the training loss became {float(loss.detach())} in epoch "
+                f"{len(net.history)}: the fit diverged; use a smaller learning rate "
+                f"(lr={net.lr!r}, backbone_lr_mult={getattr(net, 'backbone_lr_mult', None)!r})")
 
 
 class _ValidSplit(ValidSplit):
@@ -576,6 +594,10 @@ class FineTunedClassifier(NeuralNetClassifier):
         self
         """
         self._check_params()
+        if "sample_weight" in fit_params:
+            raise TypeError(
+                "FineTunedClassifier.fit takes no sample_weight; weigh classes with "
+                "class_weight='balanced' or class_weight={label: weight}")
         epochs = None
         with seeded(self.random_state):
             if not self.warm_start or not self.initialized_:
@@ -687,6 +709,7 @@ class FineTunedClassifier(NeuralNetClassifier):
             # patience=None never stops, and still restores the best epoch's weights
             callbacks.append(("early_stopping", EarlyStopping(
                 monitor="valid_loss", patience=self.patience, load_best=True)))
+        callbacks.append(("finite_loss", FiniteLoss()))
         callbacks.append(("print_log", PrintLog()))
         return callbacks
 

@@ -485,3 +485,16 @@ def test_hymenoptera_fine_tuning_reaches_093():
         f"stages.{i}." for i in range(clf.freeze_depth_)))]
     assert clf.freeze_depth_ == 7 and frozen
     assert all(torch.equal(tuned[k].cpu(), pretrained[k]) for k in frozen)
+
+
+def test_a_diverging_fit_stops_naming_the_epoch_and_a_smaller_learning_rate():
+    X, y = two_colours(24)
+    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 1: .*smaller "
+                                                 r"learning rate \(lr=100000000.0"):
+        tiny(freeze_depth=0, lr=1e8, backbone_lr_mult=1.0).fit(X, y)
+
+
+def test_sample_weight_is_refused_clearly():
+    X, y = two_colours(8)
+    with pytest.raises(TypeError, match="takes no sample_weight.*class_weight"):
+        tiny(max_epochs=1).fit(X, y, sample_weight=np.ones(8))

@@ -309,3 +309,20 @@ def test_feature_transformer_is_reproducible_with_workers():
              .fit().transform(X) for w in (0, 2, 2)]
     np.testing.assert_array_equal(codes[0], codes[1])
     np.testing.assert_array_equal(codes[1], codes[2])
+
+
+def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, monkeypatch):
+    X, y = data()
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, 3)
+        with pytest.raises(Crash):
+            tiny(checkpoint_dir=tmp_path).fit(X, y)
+    (name,) = checkpoints(tmp_path)
+    data_bytes = bytearray((tmp_path / name).read_bytes())
+    middle = len(data_bytes) // 2  # inside the tensors' data: still a loadable file
+    data_bytes[middle: middle + 64] = bytes(64)
+    (tmp_path / name).write_bytes(bytes(data_bytes))
+    with pytest.warns(RuntimeWarning, match="fails its checksum .* training from the start"):
+        fresh = tiny(checkpoint_dir=tmp_path).fit(X, y)
+    np.testing.assert_array_equal(fresh.predict_proba(X), tiny().fit(X, y).predict_proba(X))
+    assert checkpoints(tmp_path) == []
