@@ -203,6 +203,10 @@ class TrainingCheckpoint(Callback):
         self.fingerprint_ = run_fingerprint(net, X, y)
         self.path_ = directory / f"fit-{self.fingerprint_[:24]}.pt"
         self._state = None
+        # a process killed while writing this run's checkpoint left its temporary file
+        for stale in directory.glob(f".{self.path_.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         if self.path_.is_file():
             self._state = self._read()
         self.resumed_epochs_ = 0 if self._state is None else int(self._state["epoch"])

@@ -326,3 +326,16 @@ def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, monkeypatch):
         fresh = tiny(checkpoint_dir=tmp_path).fit(X, y)
     np.testing.assert_array_equal(fresh.predict_proba(X), tiny().fit(X, y).predict_proba(X))
     assert checkpoints(tmp_path) == []
+
+
+def test_a_temporary_file_left_by_a_killed_write_is_cleaned_up(tmp_path, monkeypatch):
+    X, y = data()
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, 3)
+        with pytest.raises(Crash):
+            tiny(checkpoint_dir=tmp_path).fit(X, y)
+    (name,) = checkpoints(tmp_path)
+    (tmp_path / f".{name}.abc123.tmp").write_bytes(b"")  # what a SIGKILL mid-write leaves
+    (tmp_path / ".fit-other-run.pt.x.tmp").write_bytes(b"")  # another run's: not ours
+    tiny(checkpoint_dir=tmp_path).fit(X, y)
+    assert checkpoints(tmp_path) == [".fit-other-run.pt.x.tmp"]
