@@ -745,6 +745,8 @@ class FineTunedClassifier(NeuralNetClassifier):
         return ds_train, ds_valid
 
     def get_iterator(self, dataset: Any, training: bool = False) -> Any:
+        # image batches (channels_last uint8), pinned memory on CUDA, seeded workers, and a
+        # bad image raised in the caller's process
         prefix = "iterator_train" if training else "iterator_valid"
         iterator = self.iterator_train if training else self.iterator_valid
         kwargs = self.get_params_for(prefix)
@@ -752,7 +754,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         if kwargs["batch_size"] == -1:
             kwargs["batch_size"] = len(dataset)
         if isinstance(iterator, type) and issubclass(iterator, DataLoader):
-            runtime = Runtime.from_device(self.device)
+            runtime = self._runtime()
             kwargs.setdefault("collate_fn", collate_images)
             kwargs.setdefault("pin_memory", runtime.pin_memory)
             if training:
@@ -800,10 +802,12 @@ class FineTunedClassifier(NeuralNetClassifier):
             return self._scaled_train_step(batch, **fit_params)
 
     def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
+        # a CUDA out-of-memory error names the batch-size parameter to lower
         with self._oom_hint(training=False):
             return super().validation_step(batch, **fit_params)
 
     def evaluation_step(self, batch: Any, training: bool = False) -> torch.Tensor:
+        # a CUDA out-of-memory error names the batch-size parameter to lower
         with self._oom_hint(training=False):
             return super().evaluation_step(batch, training=training)
 
@@ -842,7 +846,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         -------
         ndarray of float32, shape (n_samples, n_classes)
         """
-        self.check_is_fitted()
+        self.check_is_fitted()  # scikit-learn's NotFittedError, not skorch's own error
         return super().predict_proba(X)
 
     def predict(self, X: Any) -> np.ndarray:
@@ -860,5 +864,5 @@ class FineTunedClassifier(NeuralNetClassifier):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("grad_scaler_", None)
+        state.pop("grad_scaler_", None)  # a training-time helper, not part of the model
         return state

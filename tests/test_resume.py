@@ -145,6 +145,15 @@ def crash_in_epoch(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr(FineTunedClassifier, "train_step", train_step)
 
 
+def crashed_fit(directory, epoch: int, monkeypatch, X, y, **params) -> list[str]:
+    """A checkpointed fit that crashes in ``epoch``; the checkpoint files it leaves."""
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, epoch)
+        with pytest.raises(Crash):
+            tiny(checkpoint_dir=directory, **params).fit(X, y)
+    return checkpoints(directory)
+
+
 def test_resume_is_exact_with_dataloader_workers_and_early_stopping(tmp_path, monkeypatch):
     X, y = data()
     y = np.random.RandomState(1).permutation(y)  # shuffled labels: validation loss wobbles
@@ -156,11 +165,8 @@ def test_resume_is_exact_with_dataloader_workers_and_early_stopping(tmp_path, mo
     assert n_epochs < 8 and best[-2:] == [False, False] and best[-3], best
     # the crash hits the stopping epoch: the best weights (two epochs back) and the count
     # of epochs without improvement (1) can only come from the checkpoint
-    with monkeypatch.context() as patch:
-        crash_in_epoch(patch, n_epochs)
-        with pytest.raises(Crash):
-            tiny(checkpoint_dir=tmp_path / "run", **params).fit(X, y)
-    assert len(checkpoints(tmp_path / "run")) == 1  # kept after a failed fit
+    saved = crashed_fit(tmp_path / "run", n_epochs, monkeypatch, X, y, **params)
+    assert len(saved) == 1  # kept after a failed fit
     resumed = tiny(checkpoint_dir=tmp_path / "run", **params).fit(X, y)
     assert resumed.history[:, "valid_loss"] == reference.history[:, "valid_loss"]
     # the whole history, best-epoch marks included, is the uninterrupted run's (but timings)
@@ -172,11 +178,7 @@ def test_resume_is_exact_with_dataloader_workers_and_early_stopping(tmp_path, mo
 def test_another_run_does_not_resume_and_grid_searches_can_share_the_directory(
         tmp_path, monkeypatch):
     X, y = data()
-    with monkeypatch.context() as patch:
-        crash_in_epoch(patch, 3)
-        with pytest.raises(Crash):
-            tiny(checkpoint_dir=tmp_path).fit(X, y)
-    first = checkpoints(tmp_path)
+    first = crashed_fit(tmp_path, 3, monkeypatch, X, y)
     # another learning rate, or other data, is another run: trained from the start
     other = tiny(checkpoint_dir=tmp_path, lr=0.02).fit(X, y)
     np.testing.assert_array_equal(other.predict_proba(X),
@@ -202,11 +204,7 @@ class RunsCode:
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the plain pickle written below
 def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path, monkeypatch):
     X, y = data()
-    with monkeypatch.context() as patch:
-        crash_in_epoch(patch, 2)
-        with pytest.raises(Crash):
-            tiny(checkpoint_dir=tmp_path).fit(X, y)
-    (name,) = checkpoints(tmp_path)
+    (name,) = crashed_fit(tmp_path, 2, monkeypatch, X, y)
     state = torch.load(tmp_path / name, weights_only=True)
     state["history"] = RunsCode()
     torch.save(state, tmp_path / name)
@@ -221,11 +219,7 @@ def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path, monkeypatch):
 
 def test_a_write_interrupted_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     X, y = data()
-    with monkeypatch.context() as patch:
-        crash_in_epoch(patch, 3)
-        with pytest.raises(Crash):
-            tiny(checkpoint_dir=tmp_path).fit(X, y)
-    (name,) = checkpoints(tmp_path)
+    (name,) = crashed_fit(tmp_path, 3, monkeypatch, X, y)
     before = (tmp_path / name).read_bytes()
     real_save = torch.save
 
@@ -313,11 +307,7 @@ def test_feature_transformer_is_reproducible_with_workers():
 
 def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, monkeypatch):
     X, y = data()
-    with monkeypatch.context() as patch:
-        crash_in_epoch(patch, 3)
-        with pytest.raises(Crash):
-            tiny(checkpoint_dir=tmp_path).fit(X, y)
-    (name,) = checkpoints(tmp_path)
+    (name,) = crashed_fit(tmp_path, 3, monkeypatch, X, y)
     data_bytes = bytearray((tmp_path / name).read_bytes())
     middle = len(data_bytes) // 2  # inside the tensors' data: still a loadable file
     data_bytes[middle: middle + 64] = bytes(64)
@@ -330,11 +320,7 @@ def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, monkeypatch):
 
 def test_a_temporary_file_left_by_a_killed_write_is_cleaned_up(tmp_path, monkeypatch):
     X, y = data()
-    with monkeypatch.context() as patch:
-        crash_in_epoch(patch, 3)
-        with pytest.raises(Crash):
-            tiny(checkpoint_dir=tmp_path).fit(X, y)
-    (name,) = checkpoints(tmp_path)
+    (name,) = crashed_fit(tmp_path, 3, monkeypatch, X, y)
     (tmp_path / f".{name}.abc123.tmp").write_bytes(b"")  # what a SIGKILL mid-write leaves
     (tmp_path / ".fit-other-run.pt.x.tmp").write_bytes(b"")  # another run's: not ours
     tiny(checkpoint_dir=tmp_path).fit(X, y)
