@@ -265,7 +265,7 @@ class CacheInfo:
         for c in self.computations:
             lines.append(
                 f"  {c['backbone']} stages={c['stage_names']} pooling={c['pooling']} "
-                f"relu={c['relu']} {c['precision']}: {c['entries']} entries"
+                f"relu={c['relu']} {c['precision']} on {c['engine']}: {c['entries']} entries"
             )
         return "\n".join(lines)
 
@@ -711,6 +711,7 @@ class FeatureCache:
                 "pooling": desc.get("pooling", "?"),
                 "relu": desc.get("relu", "?"),
                 "precision": desc.get("precision", "?"),
+                "engine": desc.get("engine", "?"),
                 "description": desc,
                 "entries": int(entries),
                 "nbytes": int(nbytes),

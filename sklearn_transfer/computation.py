@@ -3,7 +3,8 @@
 A fitted :class:`~sklearn_transfer.CNNFeatureTransformer` resolves, at
 ``fit``, everything that changes its codes into a :class:`CodesComputation`:
 the network (its architecture and every weight, fingerprinted once), the
-stages read, pooling, ReLU, the preprocessing and the numeric precision.
+stages read, pooling, ReLU, the preprocessing, the engine that runs the
+network and its numeric precision.
 The value is immutable and picklable, and its :attr:`~CodesComputation.key`
 names its codes in a :class:`~sklearn_transfer.FeatureCache`. Changing any
 of it means ``set_params`` and a new ``fit``, as everywhere in scikit-learn.
@@ -120,9 +121,14 @@ class CodesComputation:
         Stage indices read, in output order.
     pooling : str
     relu : bool
-    precision : {"float32", "float16"}
-        ``"float16"``: float16 autocast (what CUDA runs); codes differ from
-        float32 ones in the last digits, so they are kept apart.
+    precision : {"float32", "bfloat16", "float16"}
+        What the network computes in (autocast, or OpenVINO's inference
+        precision); codes of the low precisions differ from float32 ones in
+        the third digit or so, so they are kept apart.
+    engine : {"torch", "openvino"}
+        What runs the network (see :mod:`sklearn_transfer.engines`); their
+        float32 codes agree within 1e-4 but not bit for bit, so they are kept
+        apart too.
     name : str
         The network's readable name.
     stage_names : tuple of str
@@ -157,6 +163,7 @@ class CodesComputation:
     pooling: str
     relu: bool
     precision: str
+    engine: str
     name: str
     stage_names: tuple[str, ...]
     widths: tuple[int, ...]
@@ -171,8 +178,8 @@ class CodesComputation:
 
     @classmethod
     def of(cls, network: Backbone, stages: Sequence[int], pooling: str = "avg",
-           relu: bool = True, precision: str = "float32", backbone: str | None = None,
-           weights: str | None = None) -> CodesComputation:
+           relu: bool = True, precision: str = "float32", engine: str = "torch",
+           backbone: str | None = None, weights: str | None = None) -> CodesComputation:
         """The computation of ``network``'s codes as it is now.
 
         Parameters
@@ -181,7 +188,7 @@ class CodesComputation:
             Fingerprinted here (every weight is read once).
         stages : list of int
             Resolved stage indices.
-        pooling, relu, precision
+        pooling, relu, precision, engine
             See the class attributes.
         backbone, weights : str, optional
             The name and weights (``"pretrained"`` or a file) ``network`` was
@@ -197,6 +204,7 @@ class CodesComputation:
             pooling=pooling,
             relu=bool(relu),
             precision=precision,
+            engine=engine,
             name=network.name,
             stage_names=tuple(network.stage_names),
             widths=tuple(network.widths),
@@ -214,7 +222,8 @@ class CodesComputation:
     def __repr__(self) -> str:
         stages = [self.stage_names[i] for i in self.stages]
         return (f"CodesComputation({self.name}, stages={stages}, pooling={self.pooling!r}, "
-                f"relu={self.relu}, precision={self.precision!r}, key={self.key[:12]}…)")
+                f"relu={self.relu}, precision={self.precision!r}, engine={self.engine!r}, "
+                f"key={self.key[:12]}…)")
 
     @property
     def n_features(self) -> int:
@@ -241,6 +250,7 @@ class CodesComputation:
             "relu": self.relu,
             "data_config": asdict(self.data_config),
             "precision": self.precision,
+            "engine": self.engine,
         }
 
     def network(self) -> Backbone:

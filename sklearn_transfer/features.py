@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import errno
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,9 +21,16 @@ from torch import nn
 from sklearn_transfer.backbones import Backbone, get_backbone, resolve_stage
 from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
 from sklearn_transfer.cache import FeatureCache, as_feature_cache
-from sklearn_transfer.computation import POOLINGS, CodesComputation, CodesExtractor
+from sklearn_transfer.computation import POOLINGS, CodesComputation
+from sklearn_transfer.engines import (
+    EngineUnavailableError,
+    OpenVINOEngine,
+    TorchEngine,
+    build_engine,
+    resolve_engine,
+)
 from sklearn_transfer.images import as_image_source
-from sklearn_transfer.runtime import Runtime, actionable_oom
+from sklearn_transfer.runtime import PRECISIONS, Runtime, actionable_oom
 
 __all__ = ["CNNFeatureTransformer"]
 
@@ -58,7 +65,20 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         run faster, on a GPU use more.
     device : str, default="auto"
         ``"auto"`` uses CUDA when present (pinned memory, non-blocking
-        copies, float16 autocast), the CPU otherwise.
+        copies), the CPU otherwise.
+    engine : {"auto", "torch", "openvino"}, default="auto"
+        What runs the network (see :mod:`sklearn_transfer.engines`).
+        ``"auto"`` is OpenVINO on the CPU when it is installed (compiled
+        once per process, or read from ``memory``), torch otherwise. An
+        engine that is missing or cannot convert the network falls back to
+        torch with a warning.
+    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
+        ``"auto"`` is the fastest precision the device computes natively
+        (:func:`~sklearn_transfer.runtime.native_precision`): float16 on
+        CUDA, bfloat16 on CPUs with bfloat16 instructions, float32
+        elsewhere. Low-precision codes differ from float32 ones in the third
+        digit or so, which linear heads do not notice; for exact codes, ask
+        for ``engine="torch", precision="float32"``.
     num_workers : int, default=0
         DataLoader worker processes decoding images. ``0`` decodes in a
         background thread of this process, overlapping the forward pass
@@ -80,8 +100,10 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         The network, on the CPU (a copy runs on ``device``).
     computation_ : CodesComputation
         Everything that decides the codes, resolved at ``fit``: network
-        fingerprint, stages, pooling, ReLU, preprocessing and precision.
-        Its ``key`` names the codes in the cache.
+        fingerprint, stages, pooling, ReLU, preprocessing, and the engine and
+        precision ``"auto"`` chose (``computation_.engine``,
+        ``computation_.precision``, also in its repr). Its ``key`` names the
+        codes in the cache.
     stages_ : list of int
         Resolved stage indices.
     n_features_out_ : int
@@ -117,6 +139,8 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         "relu": ["boolean"],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [str, torch.device],
+        "engine": [StrOptions({"auto", "torch", "openvino"})],
+        "precision": [StrOptions(set(PRECISIONS))],
         "num_workers": [Interval(numbers.Integral, 0, None, closed="left")],
         "progress": ["boolean", StrOptions({"auto"})],
         "memory": [str, os.PathLike, FeatureCache, None],
@@ -131,6 +155,8 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         relu: bool = True,
         batch_size: int = 16,
         device: str = "auto",
+        engine: str = "auto",
+        precision: str = "auto",
         num_workers: int = 0,
         progress: bool | str = "auto",
         memory: str | os.PathLike | FeatureCache | None = None,
@@ -142,6 +168,8 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         self.relu = relu
         self.batch_size = batch_size
         self.device = device
+        self.engine = engine
+        self.precision = precision
         self.num_workers = num_workers
         self.progress = progress
         self.memory = memory
@@ -188,16 +216,27 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
                 warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
         # a named network with fixed weights travels by name (workers build it themselves)
         named = isinstance(self.backbone, str) and self.weights is not None
-        self.backbone_ = network
-        self.computation_ = CodesComputation.of(
-            network, resolved, self.pooling, self.relu,
-            precision=Runtime.from_device(self.device).precision,
+        runtime = Runtime.from_device(self.device, self.precision)
+        computation = CodesComputation.of(
+            network, resolved, self.pooling, self.relu, precision=runtime.precision,
+            engine=resolve_engine(self.engine, runtime),
             backbone=self.backbone if named else None,
             weights=os.fspath(self.weights) if named else None,
         )
+        directory = None if cache is None else cache.directory
+        try:
+            engine = build_engine(computation, network, runtime, directory)
+        except EngineUnavailableError as exc:
+            warnings.warn(f"{exc}; computing the codes with torch instead", RuntimeWarning,
+                          stacklevel=2)
+            computation = dataclasses.replace(computation, engine="torch")
+            engine = build_engine(computation, network, runtime)
+        self.backbone_ = network
+        self.computation_ = computation
         self.stages_ = resolved
-        self.n_features_out_ = self.computation_.n_features
-        self._extractor: tuple[torch.device, CodesExtractor] | None = None
+        self.n_features_out_ = computation.n_features
+        self._engine: tuple[torch.device, TorchEngine | OpenVINOEngine] | None = (
+            runtime.device, engine)
         return self
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
@@ -241,8 +280,8 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             return out
         from tqdm.auto import tqdm
 
-        runtime = Runtime.from_device(self.device)
-        module = self._module_on(runtime.device)
+        runtime = Runtime.from_device(self.device, self.computation_.precision)
+        engine = self._engine_on(runtime)
         dataset = torch.utils.data.Subset(
             ImageDataset(source, self.computation_.data_config), indices.tolist())
         loader = torch.utils.data.DataLoader(
@@ -255,46 +294,36 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         show = self.progress is True or (self.progress == "auto" and len(indices) > 1000)
         bar = tqdm(total=len(indices), unit="img", disable=not show, desc="CNN codes")
         pos = 0
-        with torch.inference_mode(), runtime.autocast(self.computation_.precision), \
-                _eval_mode(module):
-            prefetch = 2 if self.num_workers == 0 else 0
-            for xb, _ in iterate_batches(loader, prefetch=prefetch):
-                with actionable_oom(self.batch_size):
-                    codes = module(runtime.to_device(xb))
-                out[pos: pos + len(codes)] = codes.float().cpu().numpy()
-                if on_batch is not None:
-                    on_batch(np.arange(pos, pos + len(codes)), out[pos: pos + len(codes)])
-                pos += len(codes)
-                bar.update(len(codes))
+        prefetch = 2 if self.num_workers == 0 else 0
+        for xb, _ in iterate_batches(loader, prefetch=prefetch):
+            with actionable_oom(self.batch_size):
+                codes = engine(xb)
+            out[pos: pos + len(codes)] = codes
+            if on_batch is not None:
+                on_batch(np.arange(pos, pos + len(codes)), out[pos: pos + len(codes)])
+            pos += len(codes)
+            bar.update(len(codes))
         bar.close()
         return out
 
-    def _module_on(self, device: torch.device) -> CodesExtractor:
-        """The extractor on ``device``: ``backbone_`` itself on the CPU, a copy elsewhere."""
-        if self._extractor is None or self._extractor[0] != device:
-            network = self.backbone_ if device.type == "cpu" else copy.deepcopy(self.backbone_)
-            module = self.computation_.extractor(network)
-            self._extractor = (device, module.to(device, memory_format=torch.channels_last))
-        return self._extractor[1]
+    def _engine_on(self, runtime: Runtime) -> TorchEngine | OpenVINOEngine:
+        """The engine of ``computation_`` on the device: built at fit, or after a load."""
+        if self._engine is None or self._engine[0] != runtime.device:
+            cache = as_feature_cache(self.memory)
+            directory = None if cache is None else cache.directory
+            try:
+                engine = build_engine(self.computation_, self.backbone_, runtime, directory)
+            except EngineUnavailableError as exc:
+                raise EngineUnavailableError(
+                    f"{exc}: this transformer was fitted with engine="
+                    f"{self.computation_.engine!r}; fit it again here (engine='auto' falls "
+                    "back to torch)") from None
+            self._engine = (runtime.device, engine)
+        return self._engine[1]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        if "_extractor" in state:
-            state["_extractor"] = None  # a device copy is rebuilt where it is loaded
+        if "_engine" in state:
+            state["_engine"] = None  # an engine (a device copy, a compiled network) is rebuilt
         return state
 
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Inference-mode activations (BatchNorm's running statistics), then the modes as they were.
-
-    On the CPU the extractor runs ``backbone_`` itself, which a caller may
-    have switched to training mode.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training

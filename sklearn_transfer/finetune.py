@@ -62,6 +62,7 @@ from sklearn_transfer.checkpoint import TrainingCheckpoint
 from sklearn_transfer.images import as_image_source
 from sklearn_transfer.preprocessing import DataConfig, augment_options
 from sklearn_transfer.runtime import (
+    PRECISIONS,
     Runtime,
     actionable_oom,
     resolve_device,
@@ -322,6 +323,12 @@ class FineTunedClassifier(NeuralNetClassifier):
         are restarted every epoch (``persistent_workers`` defaults to False)
         so that their random streams can be replayed. Custom callbacks' own
         state is not saved.
+    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
+        Autocast precision of the forward passes (losses and weights stay
+        float32). ``"auto"`` is what the device computes natively
+        (:func:`~sklearn_transfer.runtime.native_precision`): float16 with a
+        gradient scaler on CUDA, bfloat16 on CPUs with bfloat16 instructions
+        (no scaler needed), float32 elsewhere.
     module : nn.Module class, default=FineTuneModule
         skorch's module: built at ``fit`` from the backbone, the number of
         classes and ``freeze_depth``; its own options are routed, e.g.
@@ -343,8 +350,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         Where skorch moves the network (a plain device, as skorch takes it: the
         default is decided when the library is imported). A model pickled on a
         GPU machine loads on one without (skorch maps it to the CPU, with a
-        warning). On CUDA: float16 autocast with a gradient scaler and pinned
-        memory. The network runs ``channels_last``.
+        warning). On CUDA: pinned memory. The network runs ``channels_last``.
     **kwargs
         Any other skorch parameter: ``callbacks``, ``verbose`` (1 prints the
         epoch table), ``classes`` (all labels, if ``y`` may lack some),
@@ -435,6 +441,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         "lr_schedule": [StrOptions({"cosine"}), None],
         "random_state": ["random_state"],
         "checkpoint_dir": [str, os.PathLike, None],
+        "precision": [StrOptions(set(PRECISIONS))],
         "lr": [Interval(numbers.Real, 0, np.inf, closed="neither")],
         "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"),
@@ -454,6 +461,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         lr_schedule: str | None = "cosine",
         random_state: int | np.random.RandomState | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
+        precision: str = "auto",
         *,
         module: type[nn.Module] = FineTuneModule,
         criterion: type[nn.Module] = nn.CrossEntropyLoss,
@@ -475,6 +483,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         self.lr_schedule = lr_schedule
         self.random_state = random_state
         self.checkpoint_dir = checkpoint_dir
+        self.precision = precision
         super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
                          max_epochs=max_epochs, batch_size=batch_size,
                          train_split=train_split, device=device, **kwargs)
@@ -771,10 +780,10 @@ class FineTunedClassifier(NeuralNetClassifier):
     # ----------------------------------------------------- training steps
 
     def _runtime(self) -> Runtime:
-        return Runtime.from_device(self.device)
+        return Runtime.from_device(self.device, self.precision)
 
     def infer(self, x: Any, **fit_params: Any) -> torch.Tensor:
-        # autocast where the device computes faster in float16; losses in float32
+        # autocast to the precision the device computes fastest; losses in float32
         runtime = self._runtime()
         if isinstance(x, torch.Tensor):
             x = runtime.to_device(x)
@@ -797,7 +806,7 @@ class FineTunedClassifier(NeuralNetClassifier):
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
         # a CUDA out-of-memory error names batch_size; float16 needs a gradient scaler
         with self._oom_hint(training=True):
-            if self._runtime().amp_dtype != torch.float16:
+            if self._runtime().precision != "float16":
                 return super().train_step(batch, **fit_params)
             return self._scaled_train_step(batch, **fit_params)
 

@@ -105,6 +105,9 @@ def tiny_backbone(seed: int = 0, input_size: int = 16) -> Backbone:
 def transformer(memory=None, **params) -> CNNFeatureTransformer:
     params.setdefault("backbone", tiny_backbone())
     params.setdefault("batch_size", 4)
+    # torch runs the counting convolution (a compiled engine would not count), in exact float32
+    params.setdefault("engine", "torch")
+    params.setdefault("precision", "float32")
     return CNNFeatureTransformer(memory=memory, **params)
 
 

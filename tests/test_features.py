@@ -27,9 +27,11 @@ def tiny(**params) -> CNNFeatureTransformer:
     return CNNFeatureTransformer(backbone=make_tiny_backbone(), **params)
 
 
-def test_codes_equal_a_hand_computed_forward_pass():
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_codes_equal_a_hand_computed_forward_pass(engine):
     imgs = colour_images(3, size=32)
-    tf = tiny(stage=[1, -1]).fit()
+    tf = tiny(stage=[1, -1], engine=engine, precision="float32").fit()
+    assert tf.computation_.engine == engine
     codes = tf.transform(imgs)
     assert codes.dtype == np.float32 and codes.shape == (3, 16 + 24)
     net = make_tiny_backbone().eval()

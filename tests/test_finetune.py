@@ -396,15 +396,11 @@ def test_random_state_makes_fits_identical_and_leaves_global_rngs_alone():
     assert after == (torch.rand(1).item(), np.random.rand(), random.random())  # noqa: NPY002
 
 
-def test_gradient_scaler_path_trains(monkeypatch):
+def test_gradient_scaler_path_trains():
     # The CUDA path (float16 autocast + GradScaler) exercised on the CPU, which
     # supports both: same code, only the device differs.
-    from sklearn_transfer.runtime import Runtime
-
-    cpu_amp = Runtime(torch.device("cpu"), False, False, torch.float16)
-    monkeypatch.setattr(FineTunedClassifier, "_runtime", lambda self: cpu_amp)
     X, y = two_colours(24)
-    clf = tiny(max_epochs=3, train_split=None, lr_schedule=None).fit(X, y)
+    clf = tiny(max_epochs=3, train_split=None, lr_schedule=None, precision="float16").fit(X, y)
     losses = clf.history_[:, "train_loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert "grad_scaler_" not in vars(clf)  # a training-time helper, not pickled

@@ -41,24 +41,36 @@ def test_decompression_bomb_is_refused_with_the_file_named(tmp_path, monkeypatch
         tiny().fit().transform([path])
 
 
-def test_import_and_offline_backbones_open_no_socket():
-    result = run_python("""
-        import json, socket
-        opened = []
+def test_import_offline_backbones_and_the_engine_open_no_socket(tmp_path):
+    """Nothing phones home: not the import, the weights, nor OpenVINO (whose telemetry would
+    send from a child process and write an id under the home directory)."""
+    result = run_python(f"""
+        import json, os, socket
+        os.environ["HOME"] = {str(tmp_path)!r}
+        log = {str(tmp_path / "sockets.log")!r}
         class NoSocket(socket.socket):
             def __init__(self, *a, **k):
-                opened.append(a)
+                with open(log, "a") as f:  # a file: forked children report too
+                    f.write(repr(a) + "\\n")
                 raise OSError("sockets are disabled in this test")
+        def no_lookup(*a, **k):
+            with open(log, "a") as f:
+                f.write(repr(a) + "\\n")
+            raise OSError("name lookups are disabled in this test")
         socket.socket = NoSocket
+        socket.getaddrinfo = no_lookup
         import numpy as np
         import sklearn_transfer
         from sklearn_transfer import CNNFeatureTransformer, available_backbones, get_backbone
         for name in available_backbones():
             get_backbone(name)
-        codes = CNNFeatureTransformer().fit_transform(np.zeros((1, 32, 32, 3), np.uint8))
-        print(json.dumps({"opened": len(opened), "shape": list(codes.shape)}))
+        tf = CNNFeatureTransformer().fit()
+        codes = tf.transform(np.zeros((1, 32, 32, 3), np.uint8))
+        print(json.dumps({{"engine": tf.computation_.engine, "shape": list(codes.shape)}}))
     """)
-    assert result == {"opened": 0, "shape": [1, 1280]}
+    assert result == {"engine": "openvino", "shape": [1, 1280]}
+    assert not (tmp_path / "sockets.log").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no ~/intel telemetry id
 
 
 def test_memory_stays_bounded_while_transforming_thousands_of_images(tmp_path):

@@ -1,0 +1,161 @@
+"""Engines: OpenVINO computes torch's codes, precision and engine are in the key, fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sklearn_transfer import (
+    Backbone,
+    CNNFeatureTransformer,
+    DataConfig,
+    engines,
+    load_image_folder,
+)
+from sklearn_transfer.runtime import Runtime, native_precision
+
+from .conftest import colour_images, make_tiny_backbone, real_dataset, run_python
+
+
+def tiny(**params) -> CNNFeatureTransformer:
+    params.setdefault("progress", False)
+    return CNNFeatureTransformer(backbone=make_tiny_backbone(), **params)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "avgmax", "catavgmax"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("stage", [0, [1, -1]])
+def test_openvino_computes_every_stage_pooling_and_relu_as_torch(stage, pooling, relu):
+    X = colour_images(5, size=40)
+    params = dict(stage=stage, pooling=pooling, relu=relu, precision="float32")
+    ref = tiny(engine="torch", **params).fit().transform(X)
+    tf = tiny(engine="openvino", **params).fit()
+    assert tf.computation_.engine == "openvino"
+    np.testing.assert_allclose(tf.transform(X), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.weights
+def test_pretrained_codes_of_openvino_float32_match_torch_and_bfloat16_stays_close():
+    X, _ = load_image_folder(real_dataset("hymenoptera_data/val"))
+    X = X[::10]
+    ref = CNNFeatureTransformer(engine="torch", precision="float32").fit().transform(X)
+    exact = CNNFeatureTransformer(engine="openvino", precision="float32").fit().transform(X)
+    assert np.abs(exact - ref).max() <= 1e-4
+    if native_precision(torch.device("cpu")) == "bfloat16":
+        low = CNNFeatureTransformer(engine="openvino", precision="bfloat16").fit().transform(X)
+        cosine = (low * ref).sum(1) / np.linalg.norm(low, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cosine.min() > 0.99
+
+
+def test_auto_is_the_fastest_installed_engine_and_native_precision_and_says_so():
+    tf = tiny().fit()
+    assert tf.computation_.engine == "openvino"
+    assert tf.computation_.precision == native_precision(torch.device("cpu"))
+    text = repr(tf.computation_)
+    assert f"precision='{tf.computation_.precision}'" in text and "engine='openvino'" in text
+
+
+def test_engine_and_precision_are_part_of_the_key():
+    keys = {tiny(engine=e, precision=p).fit().computation_.key
+            for e in ("torch", "openvino") for p in ("float32", "bfloat16")}
+    assert len(keys) == 4
+
+
+def test_openvino_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="engine='openvino' runs precision 'float32' or "
+                                         "'bfloat16', not 'float16'"):
+        tiny(engine="openvino", precision="float16").fit()
+    with pytest.raises(ValueError, match="'engine' parameter .* Got 'onnx'"):
+        tiny(engine="onnx").fit()
+    # auto with a precision OpenVINO does not run is torch
+    assert tiny(precision="float16").fit().computation_.engine == "torch"
+
+
+class DataDependent(nn.Module):
+    """Python control flow on the data: a trace would fix one branch for all images."""
+
+    def forward(self, x):
+        return x * 2 if x.mean() > 0 else x - 1
+
+
+def test_a_network_openvino_would_trace_wrongly_falls_back_to_torch_with_a_warning():
+    net = Backbone([("stem", nn.Conv2d(3, 4, 3)), ("odd", DataDependent())],
+                   DataConfig(input_size=16), name="odd-net")
+    with pytest.warns(RuntimeWarning, match="OpenVINO could not convert odd-net .*"
+                                            "computing the codes with torch instead"):
+        tf = CNNFeatureTransformer(net, precision="float32").fit()
+    assert tf.computation_.engine == "torch"
+    X = colour_images(3, size=16)
+    ref = CNNFeatureTransformer(net, engine="torch", precision="float32").fit()
+    np.testing.assert_array_equal(tf.transform(X), ref.transform(X))
+    assert tf.computation_ == ref.computation_
+
+
+def test_a_missing_openvino_falls_back_to_torch():
+    result = run_python("""
+        import json, sys, warnings
+        sys.modules["openvino"] = None  # as if it were not installed
+        import numpy as np
+        from tests.conftest import make_tiny_backbone
+        from sklearn_transfer import CNNFeatureTransformer
+        auto = CNNFeatureTransformer(make_tiny_backbone()).fit()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            asked = CNNFeatureTransformer(make_tiny_backbone(), engine="openvino").fit()
+        codes = asked.transform(np.zeros((2, 32, 32, 3), np.uint8))
+        print(json.dumps({"auto": auto.computation_.engine, "asked": asked.computation_.engine,
+                          "warnings": [str(w.message) for w in caught],
+                          "finite": bool(np.isfinite(codes).all())}))
+    """)
+    assert result["auto"] == result["asked"] == "torch" and result["finite"]
+    assert len(result["warnings"]) == 1
+    assert "OpenVINO is not installed" in result["warnings"][0]
+
+
+def test_the_converted_network_is_kept_in_the_cache_directory(tmp_path, monkeypatch):
+    X = colour_images(4, size=32)
+    first = tiny(memory=tmp_path).fit()
+    kept = list((tmp_path / "engines").glob("openvino-*/network.xml"))
+    assert [p.parent.name for p in kept] == [f"openvino-{first.computation_.key}"]
+    codes = first.transform(X)
+
+    def no_conversion(*args):
+        raise AssertionError("converted again")
+
+    # a later process: nothing compiled in memory, the converted form read from disk
+    monkeypatch.setattr(engines, "_COMPILED", type(engines._COMPILED)())
+    monkeypatch.setattr(engines, "_convert", no_conversion)
+    again = tiny(memory=tmp_path).fit()
+    assert again.computation_.engine == "openvino"
+    np.testing.assert_array_equal(again.transform(X), codes)
+
+
+def test_a_damaged_converted_network_is_converted_again(tmp_path, monkeypatch):
+    first = tiny(memory=tmp_path).fit()
+    xml = next((tmp_path / "engines").glob("openvino-*/network.xml"))
+    xml.write_text("<net>damaged")
+    monkeypatch.setattr(engines, "_COMPILED", type(engines._COMPILED)())
+    with pytest.warns(RuntimeWarning, match="network.xml' cannot be read .* converting it again"):
+        again = tiny(memory=tmp_path).fit()
+    X = colour_images(2, size=32)
+    np.testing.assert_array_equal(again.transform(X), first.transform(X))
+    assert "<net>damaged" not in xml.read_text()  # kept again, whole
+
+
+def test_a_pickled_transformer_rebuilds_its_engine():
+    import pickle
+
+    tf = tiny().fit()
+    X = colour_images(2, size=32)
+    again = pickle.loads(pickle.dumps(tf))
+    assert again._engine is None
+    np.testing.assert_array_equal(again.transform(X), tf.transform(X))
+
+
+def test_runtime_resolves_auto_precision_per_device():
+    assert Runtime.from_device("cpu", "auto").precision == native_precision(torch.device("cpu"))
+    assert Runtime.from_device("cpu", "float32").precision == "float32"
+    with pytest.raises(ValueError, match="precision='half' is not one of"):
+        Runtime.from_device("cpu", "half")
