@@ -16,6 +16,14 @@ estimator's parameters and of the training data, so a changed parameter or
 data set starts afresh, and the folds and candidates of a grid search sharing
 one directory never resume each other's runs.
 
+A run that is interrupted and never fitted again leaves its file behind. When
+a run opens the directory it deletes the checkpoints of *other* runs that no
+fit has written or resumed for ``max_age_days`` (7 by default): a running fit
+rewrites its file every epoch and a resumed one touches it, so only abandoned
+runs age. Only files named and laid out as this library writes them are
+deleted (``fit-<24 hex digits>.pt`` holding its format, and their temporary
+files); anything else in the directory is left alone.
+
 The file is read with ``torch.load(weights_only=True)``: tensors and plain
 containers only; the history travels as a JSON string. Nothing in it can run
 code.
@@ -27,8 +35,12 @@ import contextlib
 import hashlib
 import io
 import json
+import numbers
 import os
+import re
+import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +60,9 @@ __all__ = ["TrainingCheckpoint", "describe_value", "run_fingerprint"]
 
 FORMAT = "sklearn_transfer.fit-checkpoint/3"
 # parameters that change neither the computation nor its result
-_NOT_IN_FINGERPRINT = ("verbose", "checkpoint_dir")
+_NOT_IN_FINGERPRINT = ("verbose", "checkpoint_dir", "callbacks__checkpoint__max_age_days")
+# a run's checkpoint, or (group 1) a temporary file of atomic_save writing one
+_OURS = re.compile(r"fit-[0-9a-f]{24}\.pt|(\.fit-[0-9a-f]{24}\.pt\.[a-z0-9_]+\.tmp)")
 
 
 def describe_value(value: Any, depth: int = 0) -> Any:
@@ -161,6 +175,13 @@ class TrainingCheckpoint(Callback):
     ----------
     directory : path-like
         Where the checkpoint files live; created if missing.
+    max_age_days : float or None, default=7
+        When a run opens ``directory``, the checkpoints of other runs that no
+        fit has written or resumed for this long are deleted (they belong to
+        runs that were interrupted and never fitted again); ``None`` keeps
+        them. A running fit's file is as old as its last epoch: keep this
+        well above an epoch's duration. Set it through
+        ``FineTunedClassifier(..., callbacks__checkpoint__max_age_days=30)``.
 
     Attributes
     ----------
@@ -170,8 +191,10 @@ class TrainingCheckpoint(Callback):
         Epochs the current fit took from the checkpoint.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None,
+                 max_age_days: float | None = 7) -> None:
         self.directory = directory
+        self.max_age_days = max_age_days
 
     def initialize(self) -> TrainingCheckpoint:
         self.path_: Path | None = None
@@ -203,15 +226,34 @@ class TrainingCheckpoint(Callback):
         self.fingerprint_ = run_fingerprint(net, X, y)
         self.path_ = directory / f"fit-{self.fingerprint_[:24]}.pt"
         self._state = None
+        self._remove_abandoned(directory)
         # a process killed while writing this run's checkpoint left its temporary file
         for stale in directory.glob(f".{self.path_.name}.*.tmp"):
             with contextlib.suppress(OSError):
                 stale.unlink()
         if self.path_.is_file():
+            with contextlib.suppress(OSError):
+                os.utime(self.path_)  # resumed now: not abandoned, to a fit starting meanwhile
             self._state = self._read()
         self.resumed_epochs_ = 0 if self._state is None else int(self._state["epoch"])
         self._opened = True
         return self.resumed_epochs_
+
+    def _remove_abandoned(self, directory: Path) -> None:
+        """Delete other runs' checkpoints (and temporary files) older than ``max_age_days``."""
+        if self.max_age_days is None:
+            return
+        if not isinstance(self.max_age_days, numbers.Real) or not self.max_age_days > 0:
+            raise ValueError(f"max_age_days={self.max_age_days!r} must be a positive number of "
+                             "days, or None to keep every checkpoint")
+        oldest = time.time() - self.max_age_days * 86400
+        for path in directory.iterdir():
+            name = _OURS.fullmatch(path.name)
+            if name is None or path == self.path_:
+                continue
+            with contextlib.suppress(OSError):  # gone already: another fit removed it
+                if path.stat().st_mtime < oldest and (name[1] or _is_checkpoint(path)):
+                    path.unlink()
 
     def _read(self) -> dict[str, Any] | None:
         """The checkpoint's state; ``None`` (start afresh, with a warning) if it is damaged."""
@@ -314,6 +356,18 @@ class TrainingCheckpoint(Callback):
             with contextlib.suppress(OSError):
                 self.path_.unlink()
         self.path_ = None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Does ``path`` begin as :meth:`TrainingCheckpoint._save` writes (reading a few bytes)?"""
+    try:
+        with zipfile.ZipFile(path) as zf:  # torch's format: the pickle comes first
+            first = zf.infolist()[0]
+            with zf.open(first) as fh:
+                head = fh.read(128)
+    except Exception:  # unreadable, or not a zip: not a file to delete
+        return False
+    return first.filename.endswith("/data.pkl") and FORMAT.split("/")[0].encode() in head
 
 
 def _completed(net: Any) -> bool:

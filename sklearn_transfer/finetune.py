@@ -316,8 +316,11 @@ class FineTunedClassifier(NeuralNetClassifier):
         uninterrupted fit. The file is named after a SHA-256 of parameters and
         data, so the folds and candidates of a grid search can share the
         directory. It is deleted when ``fit`` completes, and kept when it is
-        interrupted (an exception, ``KeyboardInterrupt``, a killed process).
-        Files are identified by path, size and modification time. Only ``fit``
+        interrupted (an exception, ``KeyboardInterrupt``, a killed process);
+        the files of other runs that no fit has written or resumed for 7 days
+        (``callbacks__checkpoint__max_age_days``) are deleted when a run opens
+        the directory. Image files in ``X`` are identified by path, size and
+        modification time. Only ``fit``
         from scratch checkpoints; ``partial_fit`` and ``warm_start``
         continuations do not. With ``num_workers > 0`` the training workers
         are restarted every epoch (``persistent_workers`` defaults to False)

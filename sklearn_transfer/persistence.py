@@ -24,8 +24,10 @@ import copy
 import json
 import os
 import zipfile
+import zlib
 
 import skops.io as sio
+from safetensors import SafetensorError
 from torch import nn
 
 from sklearn_transfer.backbones import get_backbone
@@ -37,6 +39,10 @@ __all__ = ["TRUSTED_TYPES", "dump", "load"]
 FORMAT = "sklearn_transfer.persistence/1"
 _CLASSES = {"FineTunedClassifier": FineTunedClassifier,
             "CNNFeatureTransformer": CNNFeatureTransformer}
+# the fitted state a file holds besides the weights, per class
+_FITTED = {"FineTunedClassifier": ("label_encoder_", "class_weight_"),
+           "CNNFeatureTransformer": ()}
+_SKELETON_KEYS = ("class", "backbone", "backbone_type", "params", "fitted")
 #: types the estimators' parameters hold, rebuilt by :func:`load` without asking
 TRUSTED_TYPES = [
     "sklearn_transfer.finetune.FineTuneModule",
@@ -87,8 +93,6 @@ def dump(estimator: FineTunedClassifier | CNNFeatureTransformer,
         if params.get("callbacks"):
             raise ValueError("callbacks are code and cannot be saved without pickle; set "
                              "callbacks=None before dump (they only matter for training)")
-        fitted = {"label_encoder_": estimator.label_encoder_,
-                  "class_weight_": estimator.class_weight_}
         module = estimator.module_
     else:
         if not hasattr(estimator, "computation_"):
@@ -98,7 +102,6 @@ def dump(estimator: FineTunedClassifier | CNNFeatureTransformer,
             raise ValueError("memory must be None or a path to be saved; pass the cache's path")
         if isinstance(memory, os.PathLike):
             params["memory"] = os.fspath(memory)
-        fitted = {}
         module = estimator.backbone_
     skeleton = {
         "format": FORMAT,
@@ -107,7 +110,7 @@ def dump(estimator: FineTunedClassifier | CNNFeatureTransformer,
         "backbone": backbone if isinstance(backbone, str) else None,
         "backbone_type": type(backbone).__qualname__,
         "params": params,
-        "fitted": fitted,
+        "fitted": {key: getattr(estimator, key) for key in _FITTED[name]},
     }
     from safetensors.torch import save
 
@@ -121,6 +124,9 @@ def dump(estimator: FineTunedClassifier | CNNFeatureTransformer,
 def load(path: str | os.PathLike, backbone: nn.Module | None = None,
          trusted: list[str] | None = None) -> FineTunedClassifier | CNNFeatureTransformer:
     """Read an estimator :func:`dump` wrote, running no code from the file.
+
+    Nothing is written while loading: the ``memory=`` directory a
+    transformer's file names is created when ``transform`` first uses it.
 
     Parameters
     ----------
@@ -139,68 +145,113 @@ def load(path: str | os.PathLike, backbone: nn.Module | None = None,
     Raises
     ------
     ValueError
-        If the file holds a type that is not trusted, or is not such a file.
+        If the file holds a type that is not trusted, is not such a file, is
+        damaged, or holds a class, parameters or fitted state this version does
+        not know (or lacks some); the message names the file and the item.
     """
+    name = os.fspath(path)
     try:
         with zipfile.ZipFile(path) as zf:
             data = zf.read("estimator.skops")
             weight_bytes = zf.read("weights.safetensors")
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise ValueError(f"{os.fspath(path)!r} is not a file written by "
-                         f"sklearn_transfer.persistence.dump ({exc})") from None
+    except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:
+        raise ValueError(f"{name!r} is not a file written by sklearn_transfer.persistence.dump, "
+                         f"or it is damaged ({exc})") from None
     allowed = set(TRUSTED_TYPES) | set(trusted or ())
-    untrusted = sio.get_untrusted_types(data=data)
+    try:
+        untrusted = sio.get_untrusted_types(data=data)
+    except Exception as exc:  # skops raises BadZipFile, KeyError, JSONDecodeError, ...
+        raise ValueError(f"{name!r}: its estimator.skops member is damaged or not a skops file "
+                         f"({type(exc).__name__}: {exc})") from None
     refused = sorted(set(untrusted) - allowed)
     if refused:
         raise ValueError(
-            f"{os.fspath(path)!r} holds types that are not trusted: {refused}. Loading them "
+            f"{name!r} holds types that are not trusted: {refused}. Loading them "
             "could run code; if you trust the file's origin and these types, pass "
             "trusted=[...] naming them"
         )
     skeleton = sio.loads(data, trusted=untrusted)
-    if not isinstance(skeleton, dict) or skeleton.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} file")
-    cls = _CLASSES[skeleton["class"]]
+    cls = _check_skeleton(skeleton, name)
     net = skeleton["backbone"] if skeleton["backbone"] is not None else backbone
     if net is None:
         raise ValueError(
-            f"{os.fspath(path)!r} was fitted on a user-provided {skeleton['backbone_type']}: "
+            f"{name!r} was fitted on a user-provided {skeleton['backbone_type']}: "
             "pass backbone=<a module of the same architecture> (architectures are code, which "
             "the file does not hold)"
         )
     from safetensors.torch import load as load_tensors
 
-    weights = load_tensors(weight_bytes)
-    params = dict(skeleton["params"])
-    estimator = cls(backbone=net, **params)
-    # the file's weights replace the starting ones: do not read (or need) those
+    try:
+        weights = load_tensors(weight_bytes)
+    except SafetensorError as exc:
+        raise ValueError(f"the weights in {name!r} (weights.safetensors) are damaged or "
+                         f"truncated ({exc})") from None
+    estimator = cls(backbone=net, **skeleton["params"])
+    # set back after loading: the file's weights replace the starting ones (which are not
+    # read), and the feature cache is not created before the model is used
+    original = {"backbone": net, "weights": estimator.weights}
     estimator.weights = None
     try:
         if isinstance(estimator, FineTunedClassifier):
             for key, value in skeleton["fitted"].items():
                 setattr(estimator, key, value)
             estimator.initialize()
-            _load_weights(estimator.module_, weights, path)
+            _load_weights(estimator.module_, weights, name)
         else:
             # the network with the file's weights is what fit resolves the computation from;
             # a module passed here is the caller's: copied, not overwritten
             network = get_backbone(copy.deepcopy(net) if isinstance(net, nn.Module) else net,
                                    weights=None)
-            _load_weights(network, weights, path)
-            estimator.backbone = network
+            _load_weights(network, weights, name)
+            original["memory"] = estimator.memory
+            estimator.backbone, estimator.memory = network, None
             estimator.fit()
     finally:
-        estimator.backbone = net
-        estimator.weights = params["weights"]
+        for key, value in original.items():
+            setattr(estimator, key, value)
     return estimator
 
 
-def _load_weights(module: nn.Module, weights: dict, path: str | os.PathLike) -> None:
+def _check_skeleton(skeleton: object, name: str) -> type:
+    """The class of a file's estimator, once its description is complete and known."""
+    if not isinstance(skeleton, dict) or not isinstance(skeleton.get("format"), str) \
+            or not skeleton["format"].startswith(FORMAT.split("/")[0] + "/"):
+        raise ValueError(f"{name!r} is not a file written by sklearn_transfer.persistence.dump")
+    if skeleton["format"] != FORMAT:
+        raise ValueError(f"{name!r} has format {skeleton['format']!r}, which this version of "
+                         f"sklearn_transfer (format {FORMAT!r}) does not read")
+    missing = [key for key in _SKELETON_KEYS if key not in skeleton]
+    if missing:
+        raise ValueError(f"{name!r} is damaged: it lacks {missing}")
+    kind = skeleton["class"]
+    if not isinstance(kind, str) or kind not in _CLASSES:
+        raise ValueError(f"{name!r} holds a {kind!r}, a class this version of sklearn_transfer "
+                         f"does not load (it loads {sorted(_CLASSES)})")
+    cls = _CLASSES[kind]
+    params, fitted = skeleton["params"], skeleton["fitted"]
+    if not isinstance(params, dict) or not isinstance(fitted, dict):
+        raise ValueError(f"{name!r} is damaged: its parameters or fitted state are not a dict")
+    known = set(cls().get_params(deep=False))
+    # skorch routes `prefix__name` to the component `prefix` (module__head_hidden)
+    routed = issubclass(cls, FineTunedClassifier)
+    unknown = sorted(key for key in params if key == "backbone" or key not in known
+                     and not (routed and key.partition("__")[0] in known))
+    if unknown:
+        raise ValueError(f"{name!r} holds parameters that {kind} does not take: {unknown} "
+                         "(written by another version of sklearn_transfer, or edited)")
+    # an unknown key would be set as an attribute: refused, as unknown parameters are
+    if sorted(fitted) != sorted(_FITTED[kind]):
+        raise ValueError(f"{name!r} does not hold the fitted state of a {kind}: expected "
+                         f"{sorted(_FITTED[kind])}, found {sorted(fitted)}")
+    return cls
+
+
+def _load_weights(module: nn.Module, weights: dict, name: str) -> None:
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise ValueError(
-            f"the weights in {os.fspath(path)!r} do not fit the backbone: "
+            f"the weights in {name!r} do not fit the backbone: "
             + " ".join(str(exc).splitlines()[:3])
         ) from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import zipfile
 
 import numpy as np
@@ -79,3 +80,130 @@ def test_a_file_holding_an_untrusted_type_is_refused(tmp_path):
     (tmp_path / "plain.pkl").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(ValueError, match="not a file written by"):
         load(tmp_path / "plain.pkl")
+
+
+# ------------------------------------------------------------------ damaged and foreign files
+
+
+def with_members(src, dst, replaced: dict) -> None:
+    """Copy the zip ``src`` to ``dst`` with the bytes of some members replaced."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, replaced.get(info.filename, zin.read(info)))
+
+
+def with_skeleton(src, dst, edit) -> None:
+    """Copy the file ``src`` to ``dst``, ``edit`` changing its description in place."""
+    with zipfile.ZipFile(src) as zf:
+        data = zf.read("estimator.skops")
+    skeleton = sio.loads(data, trusted=sio.get_untrusted_types(data=data))
+    edit(skeleton)
+    with_members(src, dst, {"estimator.skops": sio.dumps(skeleton)})
+
+
+@pytest.fixture(scope="module")
+def transformer_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tf") / "tf.zip"
+    dump(CNNFeatureTransformer(make_tiny_backbone(), progress=False).fit(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clf") / "clf.zip"
+    dump(fitted_classifier(max_epochs=1), path)
+    return path
+
+
+def test_an_unknown_class_or_format_is_named(tmp_path, transformer_file):
+    bad = tmp_path / "bad.zip"
+    with_skeleton(transformer_file, bad, lambda s: s.update({"class": "CNNCodes"}))
+    with pytest.raises(ValueError, match=r"bad.zip' holds a 'CNNCodes', a class this version .* "
+                       r"\(it loads \['CNNFeatureTransformer', 'FineTunedClassifier'\]\)"):
+        load(bad, backbone=make_tiny_backbone())
+    with_skeleton(transformer_file, bad,
+                  lambda s: s.update({"format": "sklearn_transfer.persistence/2"}))
+    with pytest.raises(ValueError, match=r"bad.zip' has format 'sklearn_transfer.persistence/2', "
+                       "which this version .* does not read"):
+        load(bad, backbone=make_tiny_backbone())
+    with_skeleton(transformer_file, bad, lambda s: s.pop("params"))
+    with pytest.raises(ValueError, match=r"bad.zip' is damaged: it lacks \['params'\]"):
+        load(bad, backbone=make_tiny_backbone())
+
+
+def test_unknown_parameters_and_the_other_estimators_file_are_refused(
+        tmp_path, transformer_file, classifier_file):
+    bad = tmp_path / "bad.zip"
+    with_skeleton(transformer_file, bad, lambda s: s["params"].update(resize=64))
+    with pytest.raises(ValueError, match=r"bad.zip' holds parameters that CNNFeatureTransformer "
+                       r"does not take: \['resize'\]"):
+        load(bad, backbone=make_tiny_backbone())
+    # a routed name is a parameter of a FineTunedClassifier, an unknown plain one is not
+    with_skeleton(classifier_file, bad,
+                  lambda s: s["params"].update(module__head_dropout=0.5, head_size=3))
+    with pytest.raises(ValueError, match=r"does not take: \['head_size'\]"):
+        load(bad, backbone=make_tiny_backbone())
+    # relabelled as the other estimator: its parameters give it away, whichever way round
+    with_skeleton(transformer_file, bad, lambda s: s.update({"class": "FineTunedClassifier"}))
+    with pytest.raises(ValueError, match=r"FineTunedClassifier does not take: \['memory', "
+                       r"'num_workers', 'pooling', 'progress', 'relu', 'stage'\]"):
+        load(bad, backbone=make_tiny_backbone())
+    with_skeleton(classifier_file, bad, lambda s: s.update({"class": "CNNFeatureTransformer"}))
+    with pytest.raises(ValueError, match=r"CNNFeatureTransformer does not take: \['augment', "):
+        load(bad, backbone=make_tiny_backbone())
+
+
+def test_missing_or_unknown_fitted_state_is_refused(tmp_path, classifier_file):
+    bad = tmp_path / "bad.zip"
+    with_skeleton(classifier_file, bad, lambda s: s["fitted"].pop("label_encoder_"))
+    with pytest.raises(ValueError, match=r"bad.zip' does not hold the fitted state of a "
+                       r"FineTunedClassifier: expected \['class_weight_', 'label_encoder_'\], "
+                       r"found \['class_weight_'\]"):
+        load(bad, backbone=make_tiny_backbone())
+    # anything else would be set on the estimator, here overriding a parameter
+    with_skeleton(classifier_file, bad, lambda s: s["fitted"].update(lr=1e9))
+    with pytest.raises(ValueError, match=r"found \['class_weight_', 'label_encoder_', 'lr'\]"):
+        load(bad, backbone=make_tiny_backbone())
+
+
+def test_damaged_weights_or_description_are_named(tmp_path, transformer_file):
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(transformer_file) as zf:
+        weights = zf.read("weights.safetensors")
+    for damaged in (b"garbage", weights[: len(weights) // 2]):
+        with_members(transformer_file, bad, {"weights.safetensors": damaged})
+        with pytest.raises(ValueError, match=r"the weights in '.*bad.zip' \(weights.safetensors\) "
+                           "are damaged or truncated"):
+            load(bad, backbone=make_tiny_backbone())
+    with_members(transformer_file, bad, {"estimator.skops": b"garbage"})
+    with pytest.raises(ValueError, match="bad.zip': its estimator.skops member is damaged"):
+        load(bad, backbone=make_tiny_backbone())
+    # bytes overwritten in place, and a download cut short: the zip's checks catch them
+    raw = bytearray(transformer_file.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 32] = bytes(32)
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="bad.zip' is not a file written by .*, or it is damaged"):
+        load(bad, backbone=make_tiny_backbone())
+    bad.write_bytes(transformer_file.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="bad.zip' is not a file written by .*, or it is damaged"):
+        load(bad, backbone=make_tiny_backbone())
+
+
+def test_load_creates_no_cache_directory_before_transform(tmp_path):
+    X = colour_images(4, size=40, seed=4)
+    tf = CNNFeatureTransformer(make_tiny_backbone(), memory=tmp_path / "codes",
+                               progress=False).fit()
+    expected = tf.transform(X)
+    dump(tf, tmp_path / "tf.zip")
+    shutil.rmtree(tmp_path / "codes")  # as on another machine
+    loaded = load(tmp_path / "tf.zip", backbone=make_tiny_backbone())
+    assert loaded.memory == str(tmp_path / "codes") and not (tmp_path / "codes").exists()
+    np.testing.assert_array_equal(loaded.transform(X), expected)
+    assert (tmp_path / "codes" / "sklearn_transfer_codes.sqlite3").is_file()
+    # a directory that cannot be made is reported where the cache is used
+    (tmp_path / "plain").write_text("")
+    with_skeleton(tmp_path / "tf.zip", tmp_path / "elsewhere.zip",
+                  lambda s: s["params"].update(memory=str(tmp_path / "plain" / "codes")))
+    loaded = load(tmp_path / "elsewhere.zip", backbone=make_tiny_backbone())
+    with pytest.raises(PermissionError, match="plain/codes' is not writable"):
+        loaded.transform(X)

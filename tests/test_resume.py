@@ -325,3 +325,62 @@ def test_a_temporary_file_left_by_a_killed_write_is_cleaned_up(tmp_path, monkeyp
     (tmp_path / ".fit-other-run.pt.x.tmp").write_bytes(b"")  # another run's: not ours
     tiny(checkpoint_dir=tmp_path).fit(X, y)
     assert checkpoints(tmp_path) == [".fit-other-run.pt.x.tmp"]
+
+
+# ------------------------------------------------------------ abandoned runs' checkpoints
+
+WEEK_AND_A_DAY_AGO = time.time() - 8 * 86400
+
+
+def test_checkpoints_of_runs_abandoned_for_a_week_are_removed(tmp_path, monkeypatch):
+    X, y = data()
+    (name,) = crashed_fit(tmp_path, 2, monkeypatch, X, y)
+    real = (tmp_path / name).read_bytes()
+    files = {  # name -> bytes, and whether a run opening the directory may delete it
+        "fit-" + "a" * 24 + ".pt": (real, True),  # another run, abandoned a week ago
+        ".fit-" + "a" * 24 + ".pt.k2v_9x0q.tmp": (b"", True),  # its killed write
+        "fit-" + "b" * 24 + ".pt": (real, False),  # a day old: may be resumed, or running
+        "fit-" + "c" * 24 + ".pt": (b"not ours", False),  # our name, not our format
+        "best-model.pt": (real, False),  # our format, a name the user chose
+        ".fit-other.pt.x.tmp": (b"", False),
+    }
+    for file, (content, _) in files.items():
+        (tmp_path / file).write_bytes(content)
+        stamp = time.time() - 86400 if file.startswith("fit-b") else WEEK_AND_A_DAY_AGO
+        os.utime(tmp_path / file, (stamp, stamp))
+    # kept when the policy is off: every file stays, the run's own completes and goes
+    clf = tiny(checkpoint_dir=tmp_path, max_epochs=1, callbacks__checkpoint__max_age_days=None)
+    clf.fit(X, y)
+    assert checkpoints(tmp_path) == sorted([name, *files])
+    # another run opens the directory: the abandoned files of the library go, and nothing else
+    tiny(checkpoint_dir=tmp_path, max_epochs=1).fit(X, y)
+    assert checkpoints(tmp_path) == sorted([name, *[f for f, (_, go) in files.items() if not go]])
+    # the interrupted run itself, however old its file, resumes from it
+    os.utime(tmp_path / name, (WEEK_AND_A_DAY_AGO, WEEK_AND_A_DAY_AGO))
+    resumed = tiny(checkpoint_dir=tmp_path).fit(X, y)
+    assert dict(resumed.callbacks_)["checkpoint"].resumed_epochs_ == 1
+    np.testing.assert_array_equal(resumed.predict_proba(X), tiny().fit(X, y).predict_proba(X))
+    with pytest.raises(ValueError, match="max_age_days=0 must be a positive number of days"):
+        tiny(checkpoint_dir=tmp_path, callbacks__checkpoint__max_age_days=0).fit(X, y)
+
+
+def test_a_resumed_run_keeps_its_old_checkpoint_while_other_fits_start(tmp_path, monkeypatch):
+    X, y = data()
+    (name,) = crashed_fit(tmp_path, 3, monkeypatch, X, y)
+    os.utime(tmp_path / name, (WEEK_AND_A_DAY_AGO, WEEK_AND_A_DAY_AGO))
+    original = FineTunedClassifier.train_step
+    seen = []
+
+    def another_fit_starts(self, batch, **kwargs):
+        if self.checkpoint_dir is not None and len(self.history) == 3 and not seen:
+            # a fit of another run opens the directory while this one resumes (epoch 3, before
+            # its first new checkpoint): the resumed run's file is not abandoned
+            seen.append(tiny(checkpoint_dir=tmp_path, max_epochs=1, lr=0.03).fit(X, y))
+            seen.append(checkpoints(tmp_path))
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(FineTunedClassifier, "train_step", another_fit_starts)
+    resumed = tiny(checkpoint_dir=tmp_path).fit(X, y)
+    assert seen[1] == [name]
+    assert dict(resumed.callbacks_)["checkpoint"].resumed_epochs_ == 2
+    assert checkpoints(tmp_path) == []
