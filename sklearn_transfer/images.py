@@ -22,16 +22,20 @@ batches for the networks.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import struct
 import sys
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageLoadError", "ImageSource", "as_image_source", "file_error", "load_image_folder",
@@ -116,28 +120,106 @@ def open_image(path: str | os.PathLike, draft_size: int | None = None,
                index: int | None = None) -> Image.Image:
     """Decode a file to an RGB PIL image, applying EXIF orientation.
 
-    ``draft_size`` lets JPEGs decode at a reduced scale (Pillow's ``draft``)
-    as long as both sides stay at least that large: far cheaper than decoding
-    a large photo in full and shrinking it afterwards.
+    ``draft_size`` lets JPEGs decode at a reduced scale (1/2, 1/4 or 1/8, as
+    Pillow's ``draft``) as long as both sides stay at least that large: far
+    cheaper than decoding a large photo in full and shrinking it afterwards.
+
+    Partial image data is an error, never gray rows: JPEGs are decoded by
+    libjpeg-turbo (simplejpeg) with its warnings as errors, and a PNG whose
+    compressed rows stop before its last row is refused.
     """
     regular_file(path, index)
+    data = Path(path).read_bytes()
     with warnings.catch_warnings():
         # Pillow warns for images over MAX_IMAGE_PIXELS (and raises over twice that) before
         # knowing whether draft mode shrinks the decode; the warning below says what it costs
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            if draft_size is not None and im.format == "JPEG":
-                im.draft("RGB", (draft_size, draft_size))
+        with Image.open(io.BytesIO(data)) as im:
+            jpeg = im.format in ("JPEG", "MPO")  # MPO: the first image is a plain JPEG
+            scale = _jpeg_scale(im.size, draft_size) if jpeg else 1
             limit = Image.MAX_IMAGE_PIXELS
-            if limit and im.width * im.height > limit:
+            decoded = -(-im.width // scale) * -(-im.height // scale)
+            if limit and decoded > limit:
                 warnings.warn(
                     f"image file {os.fspath(path)!r} (index {index}) has {im.width}x{im.height}"
                     f" pixels, more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): decoding it "
-                    f"takes about {im.width * im.height * 4 / 1e6:.0f} MB",
+                    f"takes about {decoded * 4 / 1e6:.0f} MB",
                     RuntimeWarning, stacklevel=2)
-            im = ImageOps.exif_transpose(im)
-            im.load()
-            return _to_rgb(im)
+            if jpeg:
+                decoded_im = _decode_jpeg(data, im, scale)
+            else:
+                im.load()
+                if im.format == "PNG" and _png_rows_missing(data):
+                    raise OSError("its compressed data ends before the last row")
+                decoded_im = im
+            return _to_rgb(ImageOps.exif_transpose(decoded_im))
+
+
+def _jpeg_scale(size: tuple[int, int], draft_size: int | None) -> int:
+    """Pillow's draft rule: the largest of 8, 4, 2 dividing both sides down to ``draft_size``."""
+    if not draft_size:
+        return 1
+    ratio = min(size[0] // draft_size, size[1] // draft_size)
+    return next((s for s in (8, 4, 2) if ratio >= s), 1)
+
+
+def _decode_jpeg(data: bytes, header: Image.Image, scale: int) -> Image.Image:
+    """Decode JPEG ``data`` at ``1/scale`` with libjpeg's warnings raised as ``ValueError``.
+
+    libjpeg only warns ("premature end of data segment") when the data stops
+    early and fills the rest with gray; Pillow ignores that warning.
+    ``header`` is the file opened by Pillow, for its mode and metadata.
+    """
+    cmyk = header.mode == "CMYK"
+    options = {"colorspace": "CMYK" if cmyk else "RGB",
+               "min_width": -(-header.width // scale), "min_height": -(-header.height // scale)}
+    try:
+        arr = simplejpeg.decode_jpeg(data, strict=True, **options)
+    except ValueError as exc:
+        # junk just before the end marker is common in the wild and loses no pixel
+        if "extraneous bytes before marker 0xd9" not in str(exc):
+            raise
+        arr = simplejpeg.decode_jpeg(data, strict=False, **options)
+    if cmyk:  # inverted (Adobe) CMYK, as Pillow reads it
+        im = Image.frombytes("CMYK", (arr.shape[1], arr.shape[0]), arr, "raw", "CMYK;I")
+    else:
+        im = Image.fromarray(arr)
+    im.info = dict(header.info)  # the EXIF (or XMP) orientation, for exif_transpose
+    return im
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # (x0, y0, dx, dy) of the interlaced passes
+
+
+def _png_rows_missing(data: bytes) -> bool:
+    """Whether the IDAT stream of PNG ``data`` inflates to fewer bytes than its rows need.
+
+    Pillow stops quietly when the zlib stream ends before the last row (as in
+    a file cut and closed again, or a header claiming more rows than stored)
+    and leaves the missing rows blank.
+    """
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = depth * _PNG_CHANNELS.get(colour, 1)
+    need = 0
+    for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            need += h * (1 + -(-w * bits // 8))  # a filter byte, then the packed pixels
+    inflate, got, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(data) and got < need:
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            chunk = data[pos + 8:pos + 8 + length]
+            while chunk and got < need and not inflate.eof:
+                try:
+                    got += len(inflate.decompress(chunk, 1 << 20))  # bounded memory
+                except zlib.error:
+                    return True
+                chunk = inflate.unconsumed_tail
+        pos += 12 + length
+    return got < need
 
 
 def _array_to_pil(arr: np.ndarray, index: int | None, channels_first: bool = False) -> Image.Image:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,46 @@ def image_files(tmp_path: Path) -> list[Path]:
         Image.fromarray(arr).save(path)
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------- damaged image files
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``(type, body)`` chunks of PNG ``data``."""
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        chunks.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def png_from_chunks(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG of these chunks, with valid CRCs (so only the damage we made is there)."""
+    out = b"\x89PNG\r\n\x1a\n"
+    for kind, body in chunks:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        out += struct.pack(">I", len(body)) + kind + body + crc
+    return out
+
+
+def png_with_rows_cut(data: bytes, keep: float = 0.5) -> bytes:
+    """PNG ``data`` whose image data holds only the first ``keep`` of its rows, as a complete
+    zlib stream followed by IEND: structurally a whole file."""
+    chunks = png_chunks(data)
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    idat = (b"IDAT", zlib.compress(raw[:int(len(raw) * keep)]))
+    return png_from_chunks([c for c in chunks if c[0] not in (b"IDAT", b"IEND")]
+                           + [idat, (b"IEND", b"")])
+
+
+def jpeg_cut_with_end_marker(data: bytes) -> bytes:
+    """JPEG ``data`` cut halfway through its entropy-coded data, then closed with EOI."""
+    return data[: len(data) // 2] + b"\xff\xd9"
+
+
+def noise_image(size: tuple[int, int] = (64, 48), seed: int = 0) -> Image.Image:
+    """An RGB image of noise (large JPEG/PNG data, so that a cut lands inside the pixels)."""
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (size[1], size[0], 3),
+                                                               np.uint8))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,14 @@ from PIL import Image
 
 from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
 
-from .conftest import make_tiny_backbone
+from .conftest import (
+    jpeg_cut_with_end_marker,
+    make_tiny_backbone,
+    noise_image,
+    png_chunks,
+    png_from_chunks,
+    png_with_rows_cut,
+)
 
 GOOD = 6  # good images put before each bad one, so that the bad one has index GOOD
 
@@ -54,6 +62,37 @@ def _truncated(d: Path) -> Path:
     data = (d / "whole.jpg").read_bytes()
     (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
     return d / "truncated.jpg"
+
+
+def _damaged(name: str, damage: Callable[[bytes], bytes]) -> Callable[[Path], Path]:
+    """A file ``name`` holding a noise image saved in its format, then ``damage``d."""
+    def make(d: Path) -> Path:
+        whole = d / f"whole{Path(name).suffix}"
+        noise_image().save(whole, quality=95)
+        (d / name).write_bytes(damage(whole.read_bytes()))
+        return d / name
+    return make
+
+
+def _taller_jpeg(data: bytes) -> bytes:  # the SOF0 header claims 3x the rows stored
+    i = data.index(b"\xff\xc0") + 5
+    return data[:i] + struct.pack(">H", 3 * struct.unpack(">H", data[i:i + 2])[0]) + data[i + 2:]
+
+
+def _junk_before_end(data: bytes) -> bytes:  # harmless, and common in the wild
+    return data[:-2] + b"\0\0" + data[-2:]
+
+
+def _png_zlib_cut(data: bytes) -> bytes:  # the zlib stream cut halfway, IEND kept
+    chunks = [(k, b[: len(b) // 2] if k == b"IDAT" else b) for k, b in png_chunks(data)]
+    return png_from_chunks(chunks)
+
+
+def _taller_png(data: bytes) -> bytes:  # IHDR claims 3x the rows stored
+    chunks = png_chunks(data)
+    ihdr = chunks[0][1]
+    height = struct.pack(">I", 3 * struct.unpack(">I", ihdr[4:8])[0])
+    return png_from_chunks([(b"IHDR", ihdr[:4] + height + ihdr[8:])] + chunks[1:])
 
 
 def _palette_transparent() -> Image.Image:
@@ -94,6 +133,18 @@ CASES = [
     Case("zero-byte file", _file("zero.jpg", b""), (ValueError, ["zero.jpg", "index 6",
                                                                   "empty"])),
     Case("truncated JPEG", _truncated, (ValueError, ["truncated.jpg", "index 6", "truncated"])),
+    Case("JPEG cut and closed with an end marker",
+         _damaged("closed.jpg", jpeg_cut_with_end_marker),
+         (ValueError, ["closed.jpg", "index 6", "premature end of data segment", "truncated"])),
+    Case("JPEG header claiming more rows than stored", _damaged("tall.jpg", _taller_jpeg),
+         (ValueError, ["tall.jpg", "index 6", "truncated"])),
+    Case("JPEG with junk before its end marker", _damaged("junk.jpg", _junk_before_end), OK),
+    Case("PNG whose rows stop early", _damaged("rows.png", png_with_rows_cut),
+         (ValueError, ["rows.png", "index 6", "before the last row"])),
+    Case("PNG whose zlib stream is cut", _damaged("zcut.png", _png_zlib_cut),
+         (ValueError, ["zcut.png", "index 6", "truncated"])),
+    Case("PNG header claiming more rows than stored", _damaged("tall.png", _taller_png),
+         (ValueError, ["tall.png", "index 6", "before the last row"])),
     Case("text file named .jpg", _file("text.jpg", b"just some text\n"),
          (ValueError, ["text.jpg", "index 6", "not an image"])),
     Case("PNG with alpha", _saved("alpha.png", lambda: Image.new("RGBA", (20, 20),

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import warnings
+import zlib
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
-from sklearn_transfer.images import ImageLoadError, as_image_source, load_image_folder
+from sklearn_transfer.images import (
+    ImageLoadError,
+    _png_rows_missing,
+    as_image_source,
+    load_image_folder,
+)
 from sklearn_transfer.preprocessing import DataConfig
+
+from .conftest import jpeg_cut_with_end_marker, noise_image, png_from_chunks, png_with_rows_cut
 
 
 def rgb(src, i=0):
@@ -83,6 +95,71 @@ def test_draft_decodes_large_jpegs_at_reduced_scale_but_not_below_the_request(tm
     assert min(im.size) >= 256 and max(im.size) <= 1000
 
 
+@pytest.mark.parametrize("mode, save", [("RGB", {}), ("RGB", {"progressive": True}),
+                                        ("RGB", {"subsampling": 0}), ("L", {}), ("CMYK", {})])
+def test_jpeg_pixels_are_those_of_pillows_draft_decode(tmp_path, mode, save):
+    # JPEGs are decoded by libjpeg-turbo through simplejpeg: the pixels (and so the codes)
+    # must be those Pillow gave, at every draft scale
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise_image((300, 170)).convert(mode).save(tmp_path / "a.jpg", exif=exif, **save)
+    for draft in (None, 100, 60, 20):
+        with Image.open(tmp_path / "a.jpg") as im:
+            if draft:
+                im.draft("RGB", (draft, draft))
+            expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        got = rgb([tmp_path / "a.jpg"]) if draft is None else np.asarray(
+            as_image_source([tmp_path / "a.jpg"]).load(0, draft))
+        np.testing.assert_array_equal(got, expected, err_msg=f"draft_size={draft}")
+
+
+def test_junk_before_a_jpegs_end_marker_is_harmless(tmp_path):
+    noise_image().save(tmp_path / "a.jpg")
+    data = (tmp_path / "a.jpg").read_bytes()
+    _write(tmp_path / "junk.jpg", data[:-2] + b"\0\0" + data[-2:])
+    np.testing.assert_array_equal(rgb([tmp_path / "junk.jpg"]), rgb([tmp_path / "a.jpg"]))
+
+
+def _adam7_png(arr):  # Pillow does not write interlaced PNGs
+    raw = b""
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+                           (1, 0, 2, 2), (0, 1, 1, 2)):
+        raw += b"".join(b"\0" + row.tobytes() for row in arr[y0::dy, x0::dx] if row.size)
+    ihdr = struct.pack(">IIBBBBB", arr.shape[1], arr.shape[0], 8, 2, 0, 0, 1)
+    return png_from_chunks([(b"IHDR", ihdr), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")])
+
+
+def _png(arr, mode):
+    if mode == "interlaced":
+        return _adam7_png(arr)
+    out = io.BytesIO()
+    if mode == "I;16":
+        Image.fromarray(arr[..., 0].astype(np.uint16) * 257).save(out, "PNG")
+    else:
+        Image.fromarray(arr).convert(mode).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "LA", "RGB", "RGBA", "I;16", "interlaced"])
+def test_pngs_decode_whole_and_refuse_rows_cut_short(tmp_path, mode):
+    # every pixel layout, so that the count of bytes the rows need is right for each
+    for size in ((64, 48), (13, 3)):  # 13x3 leaves some of the seven interlaced passes empty
+        arr = np.asarray(noise_image(size))
+        whole = _png(arr, mode)
+        with Image.open(io.BytesIO(whole)) as im:
+            assert im.mode == {"interlaced": "RGB"}.get(mode, mode)
+            if mode in ("RGB", "interlaced"):
+                np.testing.assert_array_equal(np.asarray(im), arr)
+        assert not _png_rows_missing(whole)
+        assert _png_rows_missing(png_with_rows_cut(whole, 1 - 1e-9))  # one byte short
+    assert rgb([_write(tmp_path / "a.png", whole)]).shape == (3, 13, 3)
+    # Pillow raises for some cuts itself ("image file is truncated") and leaves the rows of
+    # others blank, depending on where its reads fall: both are errors naming the file
+    cut = png_with_rows_cut(_png(np.asarray(noise_image((64, 48))), mode), 0.5)
+    with pytest.raises(ImageLoadError, match=r"cut.png' \(index 0\).*truncated or corrupt"):
+        rgb([_write(tmp_path / "cut.png", cut)])
+
+
 @pytest.mark.parametrize(
     "make, error, words",
     [
@@ -92,8 +169,13 @@ def test_draft_decodes_large_jpegs_at_reduced_scale_but_not_below_the_request(tm
         (lambda d: _write(d / "t.jpg", b"hello, not an image"), ImageLoadError,
          ["t.jpg", "not an image"]),
         (lambda d: _truncated_jpeg(d), ImageLoadError, ["trunc.jpg", "index 1", "truncated"]),
+        (lambda d: _closed_jpeg(d, progressive=False), ImageLoadError,
+         ["closed.jpg", "index 1", "premature end of data segment", "truncated"]),
+        (lambda d: _closed_jpeg(d, progressive=True), ImageLoadError,
+         ["closed.jpg", "index 1", "truncated"]),
     ],
-    ids=["missing", "directory", "zero-byte", "text-as-jpg", "truncated"],
+    ids=["missing", "directory", "zero-byte", "text-as-jpg", "truncated", "cut-closed",
+         "progressive-cut-closed"],
 )
 def test_bad_files_name_the_file_and_index(tmp_path, make, error, words):
     good = tmp_path / "good.png"
@@ -115,6 +197,11 @@ def _truncated_jpeg(d):
         d / "full.jpg", quality=95)
     data = (d / "full.jpg").read_bytes()
     return _write(d / "trunc.jpg", data[: len(data) // 2])
+
+
+def _closed_jpeg(d, progressive):
+    noise_image().save(d / "full.jpg", quality=95, progressive=progressive)
+    return _write(d / "closed.jpg", jpeg_cut_with_end_marker((d / "full.jpg").read_bytes()))
 
 
 @pytest.mark.parametrize(
@@ -207,3 +294,15 @@ def test_an_image_over_pillows_pixel_limit_but_under_its_refusal_warns(tmp_path,
     source = as_image_source([tmp_path / "big.png"])
     with pytest.warns(RuntimeWarning, match=r"big.png' \(index 0\) has 150x100 pixels"):
         assert source.load(0).size == (150, 100)
+
+
+def test_an_oversized_jpeg_decodes_at_the_draft_scale_and_warns_only_in_full(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    noise_image((160, 100)).save(tmp_path / "big.jpg")  # 1.6x the limit
+    source = as_image_source([tmp_path / "big.jpg"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert source.load(0, draft_size=50).size == (80, 50)  # at 1/2: a quarter the memory
+    with pytest.warns(RuntimeWarning, match=r"big.jpg' \(index 0\) has 160x100 pixels"):
+        assert source.load(0).size == (160, 100)
