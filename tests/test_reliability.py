@@ -131,7 +131,9 @@ def greedy_backbone(limit: int = 2) -> Backbone:
 
 def test_gpu_out_of_memory_names_batch_size():
     X = np.random.RandomState(0).randint(0, 256, (6, 40, 40, 3), dtype=np.uint8)
-    tf = CNNFeatureTransformer(greedy_backbone(), batch_size=4, progress=False).fit()
+    # torch raises the out-of-memory error (a compiled engine would not run this module)
+    tf = CNNFeatureTransformer(greedy_backbone(), batch_size=4, progress=False,
+                               engine="torch").fit()
     with pytest.raises(torch.cuda.OutOfMemoryError,
                        match=r"batch of 4 images \(batch_size=4\): lower batch_size "
                              r"\(e\.g\. batch_size=2\).*Tried to allocate 2\.00 GiB") as info:
