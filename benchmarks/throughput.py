@@ -1,11 +1,14 @@
-"""Images/s of CNN-code extraction, four ways, on the same real JPEGs in one run.
+"""Images/s of CNN-code extraction, several ways, on the same real JPEGs in one run.
 
-(a) ``CNNFeatureTransformer.transform`` from the JPEG files;
-(b) the classic tutorial loop: torchvision ``ImageFolder`` + ``DataLoader`` +
-    ``ToTensor``/``Normalize`` + the same network in the default (contiguous)
-    layout, float32, under ``torch.no_grad``;
-(c) a one-image-at-a-time loop (decode, preprocess, forward a batch of one);
-(d) the network alone on already decoded and resized tensors: the ceiling.
+* ``CNNFeatureTransformer.transform`` from the JPEG files, with the defaults
+  (``engine="auto"``, ``precision="auto"``) and on the exact torch path
+  (``engine="torch", precision="float32"``);
+* the classic tutorial loop: torchvision ``ImageFolder`` + ``DataLoader`` +
+  the same network in the default (contiguous) layout, float32, under
+  ``torch.no_grad``;
+* a one-image-at-a-time loop (decode, preprocess, forward a batch of one);
+* the network alone on already decoded and resized tensors, in every
+  installed engine and native precision: the ceilings.
 
 Run::
 
@@ -15,6 +18,8 @@ Run::
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import platform
 import shutil
@@ -29,6 +34,8 @@ from PIL import Image
 
 from sklearn_transfer import CNNFeatureTransformer, load_image_folder
 from sklearn_transfer.computation import CodesExtractor
+from sklearn_transfer.engines import available_engines, build_engine
+from sklearn_transfer.runtime import Runtime, native_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,14 +71,22 @@ def main() -> None:
         (tmp / label).mkdir(exist_ok=True)
         (tmp / label / Path(path).name).symlink_to(Path(path).resolve())
 
-    tf = CNNFeatureTransformer(args.backbone, batch_size=args.batch_size, progress=False).fit()
+    def transformer(**params) -> CNNFeatureTransformer:
+        return CNNFeatureTransformer(args.backbone, batch_size=args.batch_size, progress=False,
+                                     **params).fit()
+
+    t0 = time.perf_counter()
+    tf = transformer()  # the defaults: engine="auto", precision="auto"
+    first_fit = time.perf_counter() - t0
+    eager = transformer(engine="torch", precision="float32")  # the exact torch path
     net = tf.backbone_
     cfg = net.data_config
+    default = f"{tf.computation_.engine} {tf.computation_.precision}"
     print(f"{n} images from {data}; backbone {args.backbone} ({cfg.input_size} px); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
-
-    # the same module the transformer runs: channels_last, inference mode
-    fast = tf.computation_.extractor(net).to(memory_format=torch.channels_last).eval()
+    print(f"defaults resolved to engine={tf.computation_.engine!r}, "
+          f"precision={tf.computation_.precision!r}; first fit (conversion included) "
+          f"{first_fit:.1f} s")
 
     # (b) tutorial: plain module (contiguous layout), float normalisation in ToTensor/Normalize
     from torchvision import datasets
@@ -99,22 +114,33 @@ def main() -> None:
                     x = tutorial_tf(im.convert("RGB"))
                 plain(x[None])
 
-    # (d): decode everything first, then time the network alone
+    # the network alone, each engine and precision, on images decoded beforehand: the ceilings
     decoded = torch.stack([tutorial_tf(Image.open(p).convert("RGB")) for p in X])
     decoded = decoded.contiguous(memory_format=torch.channels_last)
+    precisions = ["float32"] + (["bfloat16"] if native_precision(torch.device("cpu"))
+                                == "bfloat16" else [])
+    alone = {}
+    for engine in available_engines():
+        for precision in precisions:
+            computation = dataclasses.replace(tf.computation_, engine=engine, precision=precision)
+            alone[f"{engine} {precision}"] = build_engine(
+                computation, copy.deepcopy(net), Runtime.from_device("cpu", precision))
 
-    def run_d():
-        with torch.inference_mode():
+    def network_alone(engine):
+        def run():
             for i in range(0, n, args.batch_size):
-                fast(decoded[i: i + args.batch_size])
+                engine(decoded[i: i + args.batch_size])
+        return run
 
-    # warm-up: one batch each, so first-call allocations are not timed
+    for engine in alone.values():  # warm-up: first-call allocations are not timed
+        engine(decoded[: args.batch_size])
     with torch.inference_mode():
-        fast(decoded[: args.batch_size])
         plain(decoded[: args.batch_size].contiguous())
 
-    runs = {"a_transformer": lambda: tf.transform(X), "b_tutorial_loop": run_b,
-            "c_one_at_a_time": run_c, "d_model_only": run_d}
+    runs = {"transform (defaults)": lambda: tf.transform(X),
+            "transform (torch float32)": lambda: eager.transform(X),
+            "tutorial loop": run_b, "one at a time": run_c}
+    runs.update({f"network alone, {k}": network_alone(e) for k, e in alone.items()})
     # interleaved rounds, best of each: a passing load on a noisy machine hits one
     # round of one method, not the comparison
     times = {k: float("inf") for k in runs}
@@ -124,16 +150,21 @@ def main() -> None:
     shutil.rmtree(tmp)
     rate = {k: n / v for k, v in times.items()}
     for k, v in rate.items():
-        print(f"{k:18s} {v:7.1f} images/s  ({times[k]:.1f} s)")
+        print(f"{k:34s} {v:7.1f} images/s  ({times[k]:.1f} s)")
+    a = rate["transform (defaults)"]
     ratios = {
-        "a/d (target >= 0.85)": rate["a_transformer"] / rate["d_model_only"],
-        "a/b (target >= 1.5)": rate["a_transformer"] / rate["b_tutorial_loop"],
-        "a/c": rate["a_transformer"] / rate["c_one_at_a_time"],
+        f"defaults / network alone ({default}) (target >= 0.8)":
+            a / rate[f"network alone, {default}"],
+        "defaults / torch float32 transform (target >= 2.0)": a / rate["transform (torch float32)"],
+        "defaults / tutorial loop": a / rate["tutorial loop"],
+        "torch float32 transform / its network alone":
+            rate["transform (torch float32)"] / rate["network alone, torch float32"],
     }
     for k, v in ratios.items():
-        print(f"{k:22s} {v:5.2f}")
+        print(f"{k:58s} {v:5.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"n": n, "images_per_s": rate,
+        Path(args.json).write_text(json.dumps({"n": n, "defaults": default,
+                                               "first_fit_s": first_fit, "images_per_s": rate,
                                                "ratios": ratios}, indent=2))
 
 

@@ -145,8 +145,8 @@ def test_unknown_parameters_and_the_other_estimators_file_are_refused(
         load(bad, backbone=make_tiny_backbone())
     # relabelled as the other estimator: its parameters give it away, whichever way round
     with_skeleton(transformer_file, bad, lambda s: s.update({"class": "FineTunedClassifier"}))
-    with pytest.raises(ValueError, match=r"FineTunedClassifier does not take: \['engine', 'memory', "
-                       r"'num_workers', 'pooling', 'progress', 'relu', 'stage'\]"):
+    with pytest.raises(ValueError, match=r"FineTunedClassifier does not take: \['engine', "
+                       r"'memory', 'num_workers', 'pooling', 'progress', 'relu', 'stage'\]"):
         load(bad, backbone=make_tiny_backbone())
     with_skeleton(classifier_file, bad, lambda s: s.update({"class": "CNNFeatureTransformer"}))
     with pytest.raises(ValueError, match=r"CNNFeatureTransformer does not take: \['augment', "):
