@@ -73,7 +73,7 @@ def native_precision(device: torch.device) -> str:
     """The fastest precision ``device`` computes natively.
 
     ``"float16"`` on CUDA; ``"bfloat16"`` on CPUs with bfloat16 instructions
-    (AVX512-BF16 or AMX), where it runs about twice as fast as float32;
+    (AVX512-BF16 or AMX), where it runs faster than float32;
     ``"float32"`` elsewhere (bfloat16 emulated in software is slower).
 
     Examples

@@ -159,3 +159,15 @@ def test_runtime_resolves_auto_precision_per_device():
     assert Runtime.from_device("cpu", "float32").precision == "float32"
     with pytest.raises(ValueError, match="precision='half' is not one of"):
         Runtime.from_device("cpu", "half")
+
+
+def test_threads_sharing_a_fitted_transformer_get_their_own_codes():
+    from concurrent.futures import ThreadPoolExecutor
+
+    tf = tiny(precision="float32").fit()
+    batches = [colour_images(6, size=32, seed=seed) for seed in range(8)]
+    expected = [tf.transform(X) for X in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(tf.transform, batches))
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
