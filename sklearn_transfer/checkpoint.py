@@ -58,7 +58,7 @@ from sklearn_transfer.runtime import capture_rng, restore_rng
 
 __all__ = ["TrainingCheckpoint", "describe_value", "run_fingerprint"]
 
-FORMAT = "sklearn_transfer.fit-checkpoint/3"
+FORMAT = "sklearn_transfer.fit-checkpoint/4"
 # parameters that change neither the computation nor its result
 _NOT_IN_FINGERPRINT = ("verbose", "checkpoint_dir", "callbacks__checkpoint__max_age_days")
 # a run's checkpoint, or (group 1) a temporary file of atomic_save writing one
@@ -258,13 +258,18 @@ class TrainingCheckpoint(Callback):
     def _read(self) -> dict[str, Any] | None:
         """The checkpoint's state; ``None`` (start afresh, with a warning) if it is damaged."""
         name = str(self.path_)
-        outer = load_weights_only(self.path_, what="training checkpoint")
+        try:
+            outer = load_weights_only(self.path_, what="training checkpoint")
+        except ValueError as exc:  # cut short or overwritten: this run's file, unreadable
+            warnings.warn(f"{exc}; training from the start", RuntimeWarning, stacklevel=4)
+            return None
         if not isinstance(outer, dict) or outer.get("format") != FORMAT:
-            raise ValueError(f"{name!r} is not a sklearn_transfer training checkpoint "
-                             f"({FORMAT}); delete it to train from the start")
+            warnings.warn(f"{name!r} is not a training checkpoint of this version ({FORMAT}); "
+                          "training from the start", RuntimeWarning, stacklevel=4)
+            return None
         payload = outer.get("payload")
-        if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get(
-                "sha256"):
+        payload = payload.numpy().tobytes() if isinstance(payload, torch.Tensor) else None
+        if payload is None or hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
             # bytes changed on disk would resume into another model: never resume from it
             warnings.warn(f"the training checkpoint {name!r} fails its checksum (damaged); "
                           "training from the start", RuntimeWarning, stacklevel=4)
@@ -346,8 +351,10 @@ class TrainingCheckpoint(Callback):
         }, buffer)
         payload = buffer.getvalue()
         # the checksum covers every byte a resumed fit would read
+        # as a uint8 tensor: stored verbatim (pickle protocol 2 would re-encode bytes as text)
         atomic_save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
-                     "payload": payload}, self.path_)
+                     "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
+                    self.path_)
 
     def on_train_end(self, net: Any, **kwargs: Any) -> None:
         # skorch ends training alike after early stopping and after Ctrl-C (both a

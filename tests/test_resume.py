@@ -209,11 +209,16 @@ def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path, monkeypatch):
     state["history"] = RunsCode()
     torch.save(state, tmp_path / name)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="pickled Python objects, which are refused"):
-        tiny(checkpoint_dir=tmp_path).fit(X, y)
+    expected = tiny().fit(X, y).predict_proba(X)
+    # never unpickled: the run starts afresh
+    with pytest.warns(RuntimeWarning, match="pickled Python objects, which are refused .*"
+                                            "training from the start"):
+        fresh = tiny(checkpoint_dir=tmp_path).fit(X, y)
     assert not (tmp_path / "pwned").exists()
+    np.testing.assert_array_equal(fresh.predict_proba(X), expected)
+    crashed_fit(tmp_path, 2, monkeypatch, X, y)
     (tmp_path / name).write_bytes(pickle.dumps({"format": "something"}))
-    with pytest.raises(ValueError, match="pickled Python objects|not a sklearn_transfer"):
+    with pytest.warns(RuntimeWarning, match="pickled Python objects|not a training checkpoint"):
         tiny(checkpoint_dir=tmp_path).fit(X, y)
 
 
@@ -308,14 +313,24 @@ def test_feature_transformer_is_reproducible_with_workers():
 def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path, monkeypatch):
     X, y = data()
     (name,) = crashed_fit(tmp_path, 3, monkeypatch, X, y)
-    data_bytes = bytearray((tmp_path / name).read_bytes())
-    middle = len(data_bytes) // 2  # inside the tensors' data: still a loadable file
-    data_bytes[middle: middle + 64] = bytes(64)
-    (tmp_path / name).write_bytes(bytes(data_bytes))
+    path = tmp_path / name
+    whole = path.read_bytes()
+    # bytes overwritten inside the training state: still a loadable file
+    payload = torch.load(path, weights_only=True)["payload"].numpy().tobytes()
+    middle = whole.index(payload[:256]) + len(payload) // 2
+    path.write_bytes(whole[:middle] + bytes(64) + whole[middle + 64:])
     with pytest.warns(RuntimeWarning, match="fails its checksum .* training from the start"):
         fresh = tiny(checkpoint_dir=tmp_path).fit(X, y)
-    np.testing.assert_array_equal(fresh.predict_proba(X), tiny().fit(X, y).predict_proba(X))
+    expected = tiny().fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(fresh.predict_proba(X), expected)
     assert checkpoints(tmp_path) == []
+    # cut short: not even loadable
+    (name,) = crashed_fit(tmp_path, 3, monkeypatch, X, y)
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.warns(RuntimeWarning, match="could not read the training checkpoint .* "
+                                            "training from the start"):
+        fresh = tiny(checkpoint_dir=tmp_path).fit(X, y)
+    np.testing.assert_array_equal(fresh.predict_proba(X), expected)
 
 
 def test_a_temporary_file_left_by_a_killed_write_is_cleaned_up(tmp_path, monkeypatch):
