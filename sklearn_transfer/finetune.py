@@ -859,6 +859,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         ndarray of float32, shape (n_samples, n_classes)
         """
         self.check_is_fitted()  # scikit-learn's NotFittedError, not skorch's own error
+        self._check_params()  # set_params after fit is checked where it is used
         return super().predict_proba(X)
 
     def predict(self, X: Any) -> np.ndarray:

@@ -494,3 +494,10 @@ def test_sample_weight_is_refused_clearly():
     X, y = two_colours(8)
     with pytest.raises(TypeError, match="takes no sample_weight.*class_weight"):
         tiny(max_epochs=1).fit(X, y, sample_weight=np.ones(8))
+
+
+def test_parameters_set_after_fit_are_validated_at_predict():
+    X, y = two_colours(8)
+    clf = tiny(max_epochs=1, train_split=None).fit(X, y)
+    with pytest.raises(ValueError, match="'batch_size' parameter .* Got -4"):
+        clf.set_params(batch_size=-4).predict(X)
