@@ -49,6 +49,9 @@ class CodesExtractor(nn.Module):
     relu : bool
         Apply ReLU before pooling; intermediate stages of inverted-residual
         networks end in a linear bottleneck, so their raw outputs are signed.
+    tta : bool, default=False
+        Test-time augmentation: the mean of the codes of each image and of
+        its mirror image (twice the compute).
 
     Examples
     --------
@@ -62,7 +65,8 @@ class CodesExtractor(nn.Module):
     torch.Size([2, 16])
     """
 
-    def __init__(self, backbone: Backbone, stages: Sequence[int], pooling: str, relu: bool):
+    def __init__(self, backbone: Backbone, stages: Sequence[int], pooling: str, relu: bool,
+                 tta: bool = False):
         super().__init__()
         from timm.layers import SelectAdaptivePool2d
 
@@ -70,8 +74,14 @@ class CodesExtractor(nn.Module):
         self.stage_indices = list(stages)
         self.pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
         self.relu = relu
+        self.tta = tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tta:  # one batch of both views: the network runs once
+            return self._codes(torch.cat([x, x.flip(3)])).unflatten(0, (2, -1)).mean(0)
+        return self._codes(x)
+
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
         outs = self.backbone.forward_stages(x, self.stage_indices)
         codes = []
         for out in outs:
@@ -121,6 +131,8 @@ class CodesComputation:
         Stage indices read, in output order.
     pooling : str
     relu : bool
+    tta : bool
+        Codes averaged with those of the mirror image.
     precision : {"float32", "bfloat16", "float16"}
         What the network computes in (autocast, or OpenVINO's inference
         precision); codes of the low precisions differ from float32 ones in
@@ -162,6 +174,7 @@ class CodesComputation:
     stages: tuple[int, ...]
     pooling: str
     relu: bool
+    tta: bool
     precision: str
     engine: str
     name: str
@@ -178,7 +191,8 @@ class CodesComputation:
 
     @classmethod
     def of(cls, network: Backbone, stages: Sequence[int], pooling: str = "avg",
-           relu: bool = True, precision: str = "float32", engine: str = "torch",
+           relu: bool = True, tta: bool = False, precision: str = "float32",
+           engine: str = "torch",
            backbone: str | None = None, weights: str | None = None) -> CodesComputation:
         """The computation of ``network``'s codes as it is now.
 
@@ -188,7 +202,7 @@ class CodesComputation:
             Fingerprinted here (every weight is read once).
         stages : list of int
             Resolved stage indices.
-        pooling, relu, precision, engine
+        pooling, relu, tta, precision, engine
             See the class attributes.
         backbone, weights : str, optional
             The name and weights (``"pretrained"`` or a file) ``network`` was
@@ -203,6 +217,7 @@ class CodesComputation:
             stages=tuple(int(i) for i in stages),
             pooling=pooling,
             relu=bool(relu),
+            tta=bool(tta),
             precision=precision,
             engine=engine,
             name=network.name,
@@ -222,8 +237,8 @@ class CodesComputation:
     def __repr__(self) -> str:
         stages = [self.stage_names[i] for i in self.stages]
         return (f"CodesComputation({self.name}, stages={stages}, pooling={self.pooling!r}, "
-                f"relu={self.relu}, precision={self.precision!r}, engine={self.engine!r}, "
-                f"key={self.key[:12]}…)")
+                f"relu={self.relu}, tta={self.tta}, precision={self.precision!r}, "
+                f"engine={self.engine!r}, key={self.key[:12]}…)")
 
     @property
     def n_features(self) -> int:
@@ -248,6 +263,7 @@ class CodesComputation:
             "stage_names": [self.stage_names[i] for i in self.stages],
             "pooling": self.pooling,
             "relu": self.relu,
+            "tta": self.tta,
             "data_config": asdict(self.data_config),
             "precision": self.precision,
             "engine": self.engine,
@@ -262,4 +278,4 @@ class CodesComputation:
     def extractor(self, network: Backbone | None = None) -> CodesExtractor:
         """The module computing these codes, on ``network`` (default: :meth:`network`)."""
         return CodesExtractor(self.network() if network is None else network,
-                              self.stages, self.pooling, self.relu)
+                              self.stages, self.pooling, self.relu, self.tta)

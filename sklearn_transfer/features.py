@@ -60,6 +60,10 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         average and max pooling.
     relu : bool, default=True
         Apply ReLU before pooling.
+    tta : bool, default=False
+        Test-time augmentation: each image's codes are the mean of its own
+        and its mirror image's (one forward pass of both views; twice the
+        compute). Use it for the training and the test images alike.
     batch_size : int, default=16
         Images per forward pass; on a CPU small batches stay in cache and
         run faster, on a GPU use more.
@@ -137,6 +141,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         "stage": [numbers.Integral, str, list, tuple],
         "pooling": [StrOptions(set(POOLINGS))],
         "relu": ["boolean"],
+        "tta": ["boolean"],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "engine": [StrOptions({"auto", "torch", "openvino"})],
@@ -153,6 +158,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         stage: int | str | Sequence[int | str] = -1,
         pooling: str = "avg",
         relu: bool = True,
+        tta: bool = False,
         batch_size: int = 16,
         device: str = "auto",
         engine: str = "auto",
@@ -166,6 +172,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         self.stage = stage
         self.pooling = pooling
         self.relu = relu
+        self.tta = tta
         self.batch_size = batch_size
         self.device = device
         self.engine = engine
@@ -218,7 +225,8 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         named = isinstance(self.backbone, str) and self.weights is not None
         runtime = Runtime.from_device(self.device, self.precision)
         computation = CodesComputation.of(
-            network, resolved, self.pooling, self.relu, precision=runtime.precision,
+            network, resolved, self.pooling, self.relu, tta=self.tta,
+            precision=runtime.precision,
             engine=resolve_engine(self.engine, runtime),
             backbone=self.backbone if named else None,
             weights=os.fspath(self.weights) if named else None,

@@ -171,3 +171,15 @@ def test_threads_sharing_a_fitted_transformer_get_their_own_codes():
         got = list(pool.map(tf.transform, batches))
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_tta_averages_the_codes_of_each_image_and_its_mirror(engine):
+    X = colour_images(4, size=32)
+    params = dict(engine=engine, precision="float32")
+    plain = tiny(**params).fit()
+    both = tiny(tta=True, **params).fit()
+    expected = (plain.transform(X) + plain.transform(X[:, :, ::-1])) / 2
+    np.testing.assert_allclose(both.transform(X), expected, rtol=0, atol=1e-5)
+    assert both.computation_.engine == engine and both.computation_.tta
+    assert both.computation_.key != plain.computation_.key
