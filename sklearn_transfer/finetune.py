@@ -14,7 +14,8 @@ skorch users know them. What it adds:
 * images in (paths, PIL, arrays, tensors, as :class:`CNNFeatureTransformer`),
   augmented for training and plainly resized for validation and prediction with
   the backbone's own preprocessing;
-* any labels scikit-learn accepts, a default recipe that works out of the box
+* any labels scikit-learn accepts, or a multi-label 0/1 indicator matrix
+  (one sigmoid per label), a default recipe that works out of the box
   (AdamW, a smaller learning rate for pretrained layers, cosine schedule, early
   stopping with the best validation weights restored), ``random_state``, and
   crash-safe training (:class:`~sklearn_transfer.checkpoint.TrainingCheckpoint`).
@@ -29,9 +30,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.preprocessing import LabelEncoder
+from sklearn.preprocessing import LabelBinarizer, LabelEncoder
 from sklearn.utils._param_validation import (
     Interval,
     Options,
@@ -40,7 +42,7 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import type_of_target
-from sklearn.utils.validation import column_or_1d
+from sklearn.utils.validation import check_array, column_or_1d
 from skorch import NeuralNetClassifier
 from skorch.callbacks import (
     Callback,
@@ -235,6 +237,13 @@ class FiniteLoss(Callback):
                 f"(lr={net.lr!r}, backbone_lr_mult={getattr(net, 'backbone_lr_mult', None)!r})")
 
 
+def _target_type_error(target_type: str) -> ValueError:
+    return ValueError(
+        f"y must hold class labels (binary or multiclass) or be a 0/1 indicator matrix of "
+        f"shape (n_samples, n_labels) (multi-label), but its type is {target_type!r}; "
+        "FineTunedClassifier is a classifier")
+
+
 class _ValidSplit(ValidSplit):
     """skorch's ``ValidSplit`` with a repr that shows its settings (short estimator reprs)."""
 
@@ -290,7 +299,10 @@ class FineTunedClassifier(NeuralNetClassifier):
         0.1, "scale": (0.08, 1.0)}``. ``False`` uses the evaluation transform.
         Validation and prediction always use the plain resize and centre crop.
     class_weight : None, "balanced" or dict, default=None
-        Weights of the classes in the loss, as in scikit-learn.
+        Weights of the classes in the loss, as in scikit-learn. For a
+        multi-label ``Y``, ``"balanced"`` weighs each label's positives by
+        its ``n_negative / n_positive`` (``BCEWithLogitsLoss``'s
+        ``pos_weight``); a dict is refused (pass ``criterion__pos_weight``).
     patience : int or None, default=3
         Early stopping on the validation loss, after which the weights of the
         best validation epoch are restored (skorch ``EarlyStopping(load_best=True)``,
@@ -367,15 +379,19 @@ class FineTunedClassifier(NeuralNetClassifier):
     Attributes
     ----------
     classes_ : ndarray
-        The labels, in the order of ``predict_proba``'s columns.
+        The labels, in the order of ``predict_proba``'s columns; for a
+        multi-label ``Y``, the column indices ``0 .. n_labels - 1`` (as
+        scikit-learn's ``MLPClassifier``).
     module_ : FineTuneModule
         The network after training (with the best validation weights).
     history_ : skorch.History
         Per-epoch and per-batch records, as in skorch.
     freeze_depth_ : int
         The resolved number of frozen stages.
-    label_encoder_ : LabelEncoder
+    label_encoder_ : LabelEncoder or LabelBinarizer
+        A ``LabelBinarizer`` after a multi-label fit.
     class_weight_ : ndarray or None
+        Per class, or per label the ``pos_weight`` of a multi-label fit.
 
     Notes
     -----
@@ -384,6 +400,20 @@ class FineTunedClassifier(NeuralNetClassifier):
     subsets) therefore returns indices, so skorch scorers such as
     ``EpochScoring("f1_macro")`` compare like with like. On images it returns
     the original labels.
+
+    Multi-label: ``fit(X, Y)`` with ``Y`` a 0/1 indicator matrix of shape
+    ``(n_samples, n_labels)`` (dense or sparse) trains one sigmoid output per
+    label: the default ``criterion``, ``CrossEntropyLoss``, then stands for its
+    per-label form ``BCEWithLogitsLoss`` (another criterion you pass is used
+    as it is). ``predict_proba`` gives each label's probability,
+    ``predict`` the indicator matrix of those above 0.5, ``score`` (and the
+    ``valid_acc`` column) the subset accuracy, every label of an image right,
+    as scikit-learn's multi-label classifiers. A stratified ``ValidSplit``
+    (the default) splits such a ``Y`` unstratified, with the same fraction
+    and seed. A ``Y`` of one column is a binary ``y``, as in scikit-learn.
+    The cheap alternative, often as good on photos: CNN codes and one linear
+    model per label, ``make_pipeline(CNNFeatureTransformer(),
+    OneVsRestClassifier(LogisticRegression()))`` (or ``MultiOutputClassifier``).
 
     Grid search: ``GridSearchCV(..., n_jobs=1)`` is the safe choice with one
     GPU (parallel candidates on one GPU fight over its memory). With several
@@ -413,6 +443,14 @@ class FineTunedClassifier(NeuralNetClassifier):
     array(['cat', 'dog'], dtype='<U3')
     >>> clf.predict(X[:3]).shape, clf.predict_proba(X[:3]).sum(axis=1).round(5)
     ((3,), array([1., 1., 1.], dtype=float32))
+
+    A multi-label ``Y`` (here two labels) gives one probability per label:
+
+    >>> Y = np.stack([np.arange(20) % 2, np.arange(20) // 10], axis=1)
+    >>> multi = FineTunedClassifier(net, freeze_depth=1, max_epochs=1, random_state=0,
+    ...                             verbose=0).fit(X, Y)
+    >>> multi.classes_, multi.predict(X[:3]).shape, multi.predict_proba(X[:3]).shape
+    (array([0, 1]), (3, 2), (3, 2))
 
     With ``checkpoint_dir``, a fit killed half-way is finished by running it again:
 
@@ -511,6 +549,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         tags.input_tags.three_d_array = True
         tags.input_tags.string = True
         tags.non_deterministic = self.random_state is None
+        tags.classifier_tags.multi_label = True  # a 0/1 indicator matrix Y, as MLPClassifier
         return tags
 
     @property
@@ -540,11 +579,11 @@ class FineTunedClassifier(NeuralNetClassifier):
         """Learn the label encoding and class weights from ``y`` (or ``classes``)."""
         y = self._check_y(y)
         target_type = type_of_target(y, input_name="y")
+        if target_type == "multilabel-indicator":
+            self._set_multilabel_targets(y, classes)
+            return
         if target_type not in ("binary", "multiclass"):
-            raise ValueError(
-                f"y must hold class labels (binary or multiclass), but its type is "
-                f"{target_type!r}; FineTunedClassifier is a classifier"
-            )
+            raise _target_type_error(target_type)
         labels = y if classes is None else column_or_1d(np.asarray(classes))
         encoder = LabelEncoder().fit(labels)
         if len(encoder.classes_) < 2:
@@ -570,14 +609,65 @@ class FineTunedClassifier(NeuralNetClassifier):
             weight[present] = compute_class_weight(cw, classes=present, y=y_enc)
         self.class_weight_ = weight
 
+    def _set_multilabel_targets(self, Y: np.ndarray, classes: Any = None) -> None:
+        """Multi-label ``Y``: one sigmoid output per column, ``pos_weight`` for "balanced"."""
+        if classes is not None:
+            raise ValueError(
+                "classes declares the labels of a 1-D y; the labels of a multi-label Y are "
+                f"its {Y.shape[1]} columns: leave classes=None")
+        cw = self.class_weight
+        if cw is not None and not (isinstance(cw, str) and cw == "balanced"):
+            raise ValueError(
+                f"class_weight={cw!r} is for the classes of a 1-D y; a multi-label Y takes "
+                "class_weight='balanced' (each label's positives weighted by n_negative / "
+                "n_positive, BCEWithLogitsLoss's pos_weight) or per-label positive weights "
+                "as criterion__pos_weight=torch.tensor([...])")
+        # as MLPClassifier: a LabelBinarizer, whose classes_ are the column indices
+        self.label_encoder_ = LabelBinarizer().fit(Y)
+        weight = None
+        if cw is not None:
+            n_pos = Y.sum(axis=0).astype(np.float64)
+            n_neg = len(Y) - n_pos
+            weight = np.ones(Y.shape[1], dtype=np.float32)
+            both = (n_pos > 0) & (n_neg > 0)  # a constant label has no ratio: weight 1
+            weight[both] = n_neg[both] / n_pos[both]
+        self.class_weight_ = weight
+
+    def _is_multilabel(self) -> bool:
+        return isinstance(self.__dict__.get("label_encoder_"), LabelBinarizer)
+
     @staticmethod
     def _check_y(y: Any) -> np.ndarray:
         if y is None:
             raise ValueError("FineTunedClassifier.fit needs y (the class of each image)")
+        if sp.issparse(y):
+            y = y.toarray()
+        target_type = type_of_target(y, input_name="y")
+        if target_type.endswith("-multioutput"):
+            raise _target_type_error(target_type)
+        if target_type == "multilabel-indicator":
+            y = check_array(y, dtype=None, input_name="y")
+            values = np.unique(y)
+            # scikit-learn calls any two-valued integer matrix an indicator matrix
+            if not np.isin(values, (0, 1)).all():
+                raise ValueError(
+                    f"a multi-label Y must be a 0/1 indicator matrix, but it holds the values "
+                    f"{values.tolist()}; mark each image's labels with 1, the others with 0")
+            return y
         return column_or_1d(y, warn=True)
 
     def _encode(self, y: Any) -> np.ndarray:
         y = self._check_y(y)
+        n_labels = len(self.classes_)
+        if self._is_multilabel():
+            if y.ndim != 2 or y.shape[1] != n_labels:
+                raise ValueError(
+                    f"this classifier was fit on a multi-label Y of {n_labels} columns; got y "
+                    f"of shape {y.shape}")
+            return y.astype(np.float32)  # the targets of BCEWithLogitsLoss
+        if y.ndim != 1:
+            raise ValueError(f"this classifier was fit on a 1-D y of class labels; got a "
+                             f"multi-label Y of shape {y.shape}")
         known = self.label_encoder_.classes_
         unseen = np.setdiff1d(np.unique(y), known)
         if len(unseen):
@@ -596,8 +686,9 @@ class FineTunedClassifier(NeuralNetClassifier):
         ----------
         X : images
             Paths, PIL images, arrays or tensors; see :mod:`sklearn_transfer.images`.
-        y : array-like of shape (n_samples,)
-            Labels of any kind scikit-learn accepts.
+        y : array-like of shape (n_samples,), or (n_samples, n_labels)
+            Labels of any kind scikit-learn accepts, or a 0/1 indicator matrix
+            (dense or sparse) for multi-label classification.
         **fit_params
             Passed to skorch (e.g. to ``train_split``).
 
@@ -676,10 +767,16 @@ class FineTunedClassifier(NeuralNetClassifier):
     def initialize_criterion(self) -> FineTunedClassifier:
         # class weights are learnt from y at fit, as in scikit-learn
         kwargs = self.get_params_for("criterion")
+        criterion, weight_name = self.criterion, "weight"
+        if self._is_multilabel():
+            weight_name = "pos_weight"
+            if criterion is nn.CrossEntropyLoss:
+                # the default loss, in its per-label form: one sigmoid per label
+                criterion = nn.BCEWithLogitsLoss
         weight = self.__dict__.get("class_weight_")
-        if weight is not None and "weight" not in kwargs:
-            kwargs["weight"] = torch.as_tensor(weight, dtype=torch.float32)
-        self.criterion_ = self.initialized_instance(self.criterion, kwargs)
+        if weight is not None and weight_name not in kwargs:
+            kwargs[weight_name] = torch.as_tensor(weight, dtype=torch.float32)
+        self.criterion_ = self.initialized_instance(criterion, kwargs)
         return self
 
     def get_params_for(self, prefix: str) -> dict[str, Any]:
@@ -711,7 +808,8 @@ class FineTunedClassifier(NeuralNetClassifier):
         if validate:
             callbacks += [
                 ("valid_loss", PassthroughScoring(name="valid_loss")),
-                # predict on the validation subset returns class indices, as its targets
+                # predict on the validation subset returns class indices, as its targets (a
+                # multi-label indicator matrix: subset accuracy, as score)
                 ("valid_acc", EpochScoring("accuracy", name="valid_acc", lower_is_better=False)),
             ]
         if isinstance(self.lr_schedule, str) and self.lr_schedule == "cosine":
@@ -741,13 +839,18 @@ class FineTunedClassifier(NeuralNetClassifier):
         config = self._data_config()
         source = as_image_source(X)
         train = ImageDataset(source, config, targets=y, augment=self.augment)
-        if self.train_split is None:
+        split = self.train_split
+        if split is None:
             return train, None
+        if np.ndim(y) == 2 and isinstance(split, ValidSplit) and split.stratified:
+            # stratifying a multi-label Y would stratify its label combinations, most of them
+            # too rare to split: the same split, shuffled without strata
+            split = _ValidSplit(split.cv, stratified=False, random_state=split.random_state)
         try:
-            ds_train, ds_valid = self.train_split(train, y, **fit_params)
+            ds_train, ds_valid = split(train, y, **fit_params)
         except ValueError as exc:
             raise ValueError(
-                f"the internal validation split (train_split={self.train_split!r}) failed on "
+                f"the internal validation split (train_split={split!r}) failed on "
                 f"{len(source)} images: {exc}. Give more images per class, or pass "
                 "train_split=None to train without validation"
             ) from None
@@ -847,8 +950,19 @@ class FineTunedClassifier(NeuralNetClassifier):
 
     # ---------------------------------------------------------- prediction
 
+    def _get_predict_nonlinearity(self) -> Any:
+        # skorch's "auto" for BCEWithLogitsLoss is binary (two columns from one logit);
+        # multi-label logits need one sigmoid per label
+        if self._is_multilabel() and isinstance(self.predict_nonlinearity, str) \
+                and self.predict_nonlinearity == "auto":
+            return torch.sigmoid
+        return super()._get_predict_nonlinearity()
+
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, columns in the order of ``classes_``.
+
+        For a multi-label fit, the probability of each label (one sigmoid per
+        column of ``Y``; the rows do not sum to 1).
 
         Parameters
         ----------
@@ -856,7 +970,7 @@ class FineTunedClassifier(NeuralNetClassifier):
 
         Returns
         -------
-        ndarray of float32, shape (n_samples, n_classes)
+        ndarray of float32, shape (n_samples, n_classes) or (n_samples, n_labels)
         """
         self.check_is_fitted()  # scikit-learn's NotFittedError, not skorch's own error
         self._check_params()  # set_params after fit is checked where it is used
@@ -866,8 +980,13 @@ class FineTunedClassifier(NeuralNetClassifier):
         """Predicted labels, of the type of ``y`` at fit.
 
         On a torch ``Dataset`` (skorch's internal validation subsets), class
-        indices instead, which is what callbacks compare with.
+        indices instead, which is what callbacks compare with. For a
+        multi-label fit, the 0/1 indicator matrix of the labels whose
+        probability exceeds 0.5, shape (n_samples, n_labels), on images and
+        datasets alike.
         """
+        if self._is_multilabel():
+            return self.label_encoder_.inverse_transform(self.predict_proba(X), threshold=0.5)
         index = self.predict_proba(X).argmax(axis=1)
         if is_dataset(X):
             return index

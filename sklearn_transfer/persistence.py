@@ -50,6 +50,7 @@ TRUSTED_TYPES = [
     "skorch.dataset.Dataset",
     "skorch.dataset.ValidSplit",
     "torch.utils.data.dataloader.DataLoader",
+    "torch.nn.modules.loss.BCEWithLogitsLoss",
     "torch.nn.modules.loss.CrossEntropyLoss",
     "torch.nn.modules.loss.NLLLoss",
     "torch.optim.adamw.AdamW",
