@@ -7,6 +7,9 @@
 * :class:`FeatureCache`: the persistent cache of codes behind
   ``CNNFeatureTransformer(memory=...)``.
 * :func:`load_image_folder`: an ImageFolder tree ``root/CLASS/*`` as ``X, y``.
+* :func:`extract_codes`, :func:`read_codes`, :func:`iter_codes`: codes of
+  large image collections to and from a resumable Parquet dataset, locally or
+  on a Dask cluster.
 """
 
 __version__ = "0.1.0"
@@ -14,6 +17,7 @@ __version__ = "0.1.0"
 from sklearn_transfer.backbones import Backbone, available_backbones, get_backbone
 from sklearn_transfer.cache import FeatureCache
 from sklearn_transfer.computation import CodesComputation
+from sklearn_transfer.extract import extract_codes, iter_codes, read_codes
 from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.finetune import FineTunedClassifier
 from sklearn_transfer.images import ImageLoadError, load_image_folder
@@ -29,6 +33,9 @@ __all__ = [
     "ImageLoadError",
     "__version__",
     "available_backbones",
+    "extract_codes",
     "get_backbone",
+    "iter_codes",
     "load_image_folder",
+    "read_codes",
 ]

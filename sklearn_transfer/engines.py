@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -136,9 +137,10 @@ class TorchEngine:
         return codes.float().cpu().numpy()
 
 
-#: (openvino, converted model, compiled model) of this process, by computation key
-_COMPILED: OrderedDict[str, tuple[Any, Any, Any]] = OrderedDict()
+#: (openvino, converted model, compiled model) of this process, by computation key and threads
+_COMPILED: OrderedDict[tuple[str, int], tuple[Any, Any, Any]] = OrderedDict()
 _KEEP = 4
+_COMPILING = threading.Lock()
 
 
 class OpenVINOEngine:
@@ -164,20 +166,29 @@ class OpenVINOEngine:
 
     def __init__(self, computation: CodesComputation, network: nn.Module,
                  directory: str | os.PathLike | None = None) -> None:
-        if computation.key not in _COMPILED:
-            ov = _import_openvino()
-            model = _read_converted(ov, computation, directory)
-            if model is None:
-                model = _convert(ov, computation, network)
-            compiled = ov.Core().compile_model(model, "CPU", {
-                "INFERENCE_PRECISION_HINT": _OV_PRECISION[computation.precision],
-                "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, all cores on it
-            })
-            _COMPILED[computation.key] = (ov, model, compiled)
-            while len(_COMPILED) > _KEEP:
-                _COMPILED.popitem(last=False)
-        _COMPILED.move_to_end(computation.key)
-        ov, model, compiled = _COMPILED[computation.key]
+        # torch.set_num_threads is the one knob for both engines: a Dask worker sharing the
+        # cores with others lowers it, and OpenVINO would otherwise take every core
+        slot = (computation.key, torch.get_num_threads())
+        with _COMPILING:  # torch's tracer is not thread-safe, and one conversion is enough
+            if slot not in _COMPILED:
+                ov = _import_openvino()
+                # converted already for another thread count: only compile again
+                model = next((held[1] for (key, _), held in _COMPILED.items()
+                              if key == computation.key), None)
+                if model is None:
+                    model = _read_converted(ov, computation, directory)
+                if model is None:
+                    model = _convert(ov, computation, network)
+                compiled = ov.Core().compile_model(model, "CPU", {
+                    "INFERENCE_PRECISION_HINT": _OV_PRECISION[computation.precision],
+                    "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, all its threads on it
+                    "INFERENCE_NUM_THREADS": slot[1],
+                })
+                _COMPILED[slot] = (ov, model, compiled)
+                while len(_COMPILED) > _KEEP:
+                    _COMPILED.popitem(last=False)
+            _COMPILED.move_to_end(slot)
+            ov, model, compiled = _COMPILED[slot]
         if directory is not None and not _converted_dir(computation, directory).is_dir():
             _keep_converted(ov, model, computation, directory)
         self.compiled = compiled

@@ -12,12 +12,13 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_save", "load_weights_only", "sha256_file"]
+__all__ = ["atomic_save", "atomic_write", "load_weights_only", "sha256_file"]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -67,21 +68,29 @@ def load_weights_only(path: str | os.PathLike | BinaryIO, what: str = "checkpoin
         ) from None
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``.
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary name next to ``path``; once written there, rename it over ``path``.
 
-    The rename is atomic on POSIX and Windows: readers (and a fit resumed
+    The rename is atomic on POSIX and Windows: readers (and a job resumed
     after a crash) see the old file or the new one, never a partial write.
+    On an error the temporary file is removed and ``path`` left as it was.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())  # the data on disk before the name points at it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
