@@ -96,6 +96,9 @@ def _distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
+_version = functools.cache(importlib.metadata.version)  # (reads files on every call)
+
+
 def _defining_packages(network: nn.Module) -> dict[str, str]:
     """Versions of the installed packages whose classes make up ``network`` (timm, ...).
 
@@ -109,7 +112,7 @@ def _defining_packages(network: nn.Module) -> dict[str, str]:
     versions = {}
     for top in sorted(tops):
         for dist in _distributions().get(top, []):
-            versions[dist] = importlib.metadata.version(dist)
+            versions[dist] = _version(dist)
     return versions
 
 

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 
 from sklearn_transfer.backbones import Backbone, module_fingerprint
 from sklearn_transfer.cache import _file_key
@@ -126,7 +127,8 @@ def extract_codes(
         The dataset's directory, created if missing. With a ``client`` the
         workers write the files, so it must be on a file system they share.
     transformer : CNNFeatureTransformer, optional
-        Fitted or not (it is fitted, which costs no data); default
+        Fitted or not (an unfitted one is cloned and fitted, which needs no
+        data); default
         ``CNNFeatureTransformer()``. Its ``computation_`` is what the dataset
         holds.
     labels : array-like of shape (n_images,), optional
@@ -214,7 +216,7 @@ def extract_codes(
         raise TypeError(f"transformer must be a CNNFeatureTransformer; got "
                         f"{type(transformer).__name__}")
     if not hasattr(transformer, "computation_"):
-        transformer.fit()
+        transformer = clone(transformer).fit()  # the caller's estimator stays unfitted
     computation = transformer.computation_
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -503,9 +505,11 @@ def _open_dataset(out: str | os.PathLike, computation: Any) -> tuple[dict, list[
     manifest = _read_manifest(out)
     if computation is not None:
         if isinstance(computation, CNNFeatureTransformer):
+            if not hasattr(computation, "computation_"):
+                computation = clone(computation).fit()  # as extract_codes resolves it
             computation = computation.computation_
         if not isinstance(computation, CodesComputation):
-            raise TypeError(f"computation must be a fitted CNNFeatureTransformer or a "
+            raise TypeError(f"computation must be a CNNFeatureTransformer or a "
                             f"CodesComputation; got {type(computation).__name__}")
         _check_computation(manifest, computation.key, computation.describe(), out)
     key = manifest["computation"]

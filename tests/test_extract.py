@@ -238,3 +238,12 @@ def test_a_bad_image_on_a_worker_comes_back_as_the_library_error(client, pngs, t
     assert summary.n_computed == 4 - len(written)
     assert {k: v for k, v in mtimes(out).items() if k in written} == written
     np.testing.assert_array_equal(read_codes(out).codes, tf.transform(pngs))
+
+
+def test_an_unfitted_transformer_is_cloned_and_stays_unfitted(pngs, tmp_path):
+    unfitted = CNNFeatureTransformer(make_tiny_backbone(), engine="torch", progress=False,
+                                     batch_size=4)
+    extract_codes(pngs, tmp_path / "codes", unfitted, partition_size=8)
+    assert not hasattr(unfitted, "computation_")
+    stored = read_codes(tmp_path / "codes", unfitted)  # resolved as extract_codes did
+    np.testing.assert_array_equal(stored.codes, tiny().transform(pngs))
