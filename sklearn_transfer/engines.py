@@ -121,8 +121,6 @@ class TorchEngine:
     runtime : Runtime
     """
 
-    name = "torch"
-
     def __init__(self, computation: CodesComputation, network: nn.Module,
                  runtime: Runtime) -> None:
         if runtime.device.type != "cpu":
@@ -137,8 +135,8 @@ class TorchEngine:
         return codes.float().cpu().numpy()
 
 
-#: (openvino, converted model, compiled model) of this process, by computation key and threads
-_COMPILED: OrderedDict[tuple[str, int], tuple[Any, Any, Any]] = OrderedDict()
+#: (converted model, compiled model) of this process, by computation key and threads
+_COMPILED: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
 _KEEP = 4
 _COMPILING = threading.Lock()
 
@@ -154,15 +152,13 @@ class OpenVINOEngine:
         or ``directory`` already holds the converted form.
     directory : path-like, optional
         Where converted networks are kept between processes
-        (``<directory>/engines/<key>/``); the feature cache's directory.
+        (``<directory>/engines/openvino-<key>/``); the feature cache's directory.
 
     Raises
     ------
     EngineUnavailableError
         When OpenVINO is missing or cannot convert the network.
     """
-
-    name = "openvino"
 
     def __init__(self, computation: CodesComputation, network: nn.Module,
                  directory: str | os.PathLike | None = None) -> None:
@@ -173,7 +169,7 @@ class OpenVINOEngine:
             if slot not in _COMPILED:
                 ov = _import_openvino()
                 # converted already for another thread count: only compile again
-                model = next((held[1] for (key, _), held in _COMPILED.items()
+                model = next((held[0] for (key, _), held in _COMPILED.items()
                               if key == computation.key), None)
                 if model is None:
                     model = _read_converted(ov, computation, directory)
@@ -184,13 +180,13 @@ class OpenVINOEngine:
                     "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, all its threads on it
                     "INFERENCE_NUM_THREADS": slot[1],
                 })
-                _COMPILED[slot] = (ov, model, compiled)
+                _COMPILED[slot] = (model, compiled)
                 while len(_COMPILED) > _KEEP:
                     _COMPILED.popitem(last=False)
             _COMPILED.move_to_end(slot)
-            ov, model, compiled = _COMPILED[slot]
+            model, compiled = _COMPILED[slot]
         if directory is not None and not _converted_dir(computation, directory).is_dir():
-            _keep_converted(ov, model, computation, directory)
+            _keep_converted(_import_openvino(), model, computation, directory)
         self.compiled = compiled
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:

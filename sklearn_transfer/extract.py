@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import clone
 
-from sklearn_transfer.backbones import Backbone, module_fingerprint
+from sklearn_transfer.backbones import module_fingerprint
 from sklearn_transfer.cache import _file_key
 from sklearn_transfer.computation import CodesComputation
 from sklearn_transfer.features import CNNFeatureTransformer
@@ -163,8 +163,8 @@ def extract_codes(
     With a ``client``, the fitted transformer is sent once to every worker
     (a named network such as the default travels by name and weights, and
     each worker builds it and checks its fingerprint); tasks carry paths,
-    never pixels. A worker builds the network once per computation and each
-    of its threads its engine once, and each gets
+    never pixels. A worker builds the network and its engine once per
+    computation, and sets
     ``torch.set_num_threads(cores // threads on that machine)``, which also
     sizes OpenVINO, so that Dask threads times engine threads match the cores.
     Give the workers one thread each (``threads_per_worker=1``): the engine
@@ -380,10 +380,9 @@ def _write_partition(transformer: CNNFeatureTransformer, out: str, index: int,
 
 # ------------------------------------------------------------------------------ on Dask
 
-#: per worker process: the network of each computation (built once), and per thread an
-#: engine (an OpenVINO request serves one thread at a time)
-_NETWORKS: dict[str, Backbone] = {}
-_ON_THREAD = threading.local()
+#: per worker process: a transformer for the computation it last ran, with its network built
+#: once (its engine serves several threads: one inference request per batch)
+_TRANSFORMERS: dict[str, CNNFeatureTransformer] = {}
 _LOCK = threading.Lock()
 
 
@@ -415,31 +414,25 @@ def _engine_threads(client: Any) -> dict[str, int]:
 
 
 def _on_worker(shipped: CNNFeatureTransformer, threads: dict[str, int]) -> CNNFeatureTransformer:
-    """This worker thread's transformer for ``shipped``'s computation, built once."""
+    """This worker's transformer for ``shipped``'s computation, its network built once."""
     import torch
     from distributed import get_worker
 
     computation = shipped.computation_
-    mine = getattr(_ON_THREAD, "transformers", None)
-    if mine is None:
-        mine = _ON_THREAD.transformers = {}
-    if computation.key not in mine:
-        torch.set_num_threads(threads.get(get_worker().address, 1))
-        with _LOCK:
-            if computation.key not in _NETWORKS:
-                network = computation.network().eval()
-                if module_fingerprint(network) != computation.fingerprint:
-                    raise RuntimeError(
-                        f"the worker {get_worker().address} builds another {computation.name} "
-                        "network than the client (other weights or package versions "
-                        "installed there); install the same versions on every worker")
-                _NETWORKS.clear()  # one computation at a time: free the last one's weights
-                _NETWORKS[computation.key] = network
-        local = copy.copy(shipped)
-        local.backbone_ = _NETWORKS[computation.key]
-        mine.clear()
-        mine[computation.key] = local
-    return mine[computation.key]
+    with _LOCK:
+        if computation.key not in _TRANSFORMERS:
+            torch.set_num_threads(threads.get(get_worker().address, 1))
+            network = computation.network().eval()
+            if module_fingerprint(network) != computation.fingerprint:
+                raise RuntimeError(
+                    f"the worker {get_worker().address} builds another {computation.name} "
+                    "network than the client (other weights or package versions "
+                    "installed there); install the same versions on every worker")
+            local = copy.copy(shipped)
+            local.backbone_ = network
+            _TRANSFORMERS.clear()  # one computation at a time: free the last one's weights
+            _TRANSFORMERS[computation.key] = local
+        return _TRANSFORMERS[computation.key]
 
 
 def _partition_task(shipped: CNNFeatureTransformer, threads: dict[str, int], out: str,

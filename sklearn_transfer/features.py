@@ -23,6 +23,7 @@ from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batch
 from sklearn_transfer.cache import FeatureCache, as_feature_cache
 from sklearn_transfer.computation import POOLINGS, CodesComputation
 from sklearn_transfer.engines import (
+    ENGINES,
     EngineUnavailableError,
     OpenVINOEngine,
     TorchEngine,
@@ -144,7 +145,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         "tta": ["boolean"],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [str, torch.device],
-        "engine": [StrOptions({"auto", "torch", "openvino"})],
+        "engine": [StrOptions(set(ENGINES))],
         "precision": [StrOptions(set(PRECISIONS))],
         "num_workers": [Interval(numbers.Integral, 0, None, closed="left")],
         "progress": ["boolean", StrOptions({"auto"})],

@@ -217,7 +217,7 @@ def test_a_cluster_writes_the_codes_of_a_local_run(client, pngs, tmp_path):
     # each worker built the network once for this computation
     from sklearn_transfer import extract
 
-    held = client.run(lambda: list(extract._NETWORKS))
+    held = client.run(lambda: list(extract._TRANSFORMERS))
     assert set(map(tuple, held.values())) <= {(tf.computation_.key,)}
 
 

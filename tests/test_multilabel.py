@@ -23,29 +23,13 @@ from sklearn_transfer import FineTunedClassifier, load_image_folder
 from sklearn_transfer.persistence import dump, load
 
 from .conftest import make_tiny_backbone, real_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread_for_tiny_networks(request):
-    """Tiny networks run faster on one thread (and far faster on a busy machine)."""
-    if request.node.get_closest_marker("data"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .test_finetune import one_thread_for_tiny_networks  # noqa: F401 (an autouse fixture)
+from .test_finetune import tiny as finetune_tiny
 
 
 def tiny(**params) -> FineTunedClassifier:
-    params.setdefault("backbone", make_tiny_backbone())
-    params.setdefault("freeze_depth", 1)
-    params.setdefault("max_epochs", 4)
-    params.setdefault("batch_size", 8)
-    params.setdefault("lr", 5e-2)
-    params.setdefault("verbose", 0)
-    params.setdefault("random_state", 0)
-    return FineTunedClassifier(**params)
+    params.setdefault("lr", 5e-2)  # a faster start than the multiclass tests need
+    return finetune_tiny(**params)
 
 
 def bright_channels(n: int, seed: int = 0, n_labels: int = 3) -> tuple[np.ndarray, np.ndarray]:
