@@ -94,6 +94,8 @@ class ExtractionSummary:
         In the whole dataset.
     n_computed : int
         Partitions this call computed (the others were already written).
+    n_images_computed : int
+        Images in those partitions.
     seconds : float
         Wall time of this call.
     """
@@ -102,6 +104,7 @@ class ExtractionSummary:
     n_images: int
     n_partitions: int
     n_computed: int
+    n_images_computed: int
     seconds: float
 
 
@@ -255,7 +258,7 @@ def extract_codes(
                 bar.update(_write_partition(shipped, str(out), *job))
         else:
             _run_on_cluster(client, shipped, str(out), jobs, bar)
-    return ExtractionSummary(out, len(paths), len(starts), len(todo),
+    return ExtractionSummary(out, len(paths), len(starts), len(todo), missing,
                              time.perf_counter() - started)
 
 

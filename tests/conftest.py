@@ -47,6 +47,26 @@ def make_tiny_backbone(seed: int = 0) -> Backbone:
                     weights_id=f"tiny-seed{seed}")
 
 
+@pytest.fixture(scope="session")
+def dask_client(tmp_path_factory):
+    """A real 2-process LocalCluster (2 single-threaded workers) and its client."""
+    distributed = pytest.importorskip("distributed")
+    import logging
+
+    import sklearn_transfer
+
+    # the workers must import this checkout, not another installed copy
+    with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.ERROR, env={"PYTHONPATH": str(REPO)},
+            local_directory=str(tmp_path_factory.mktemp("dask"))) as cluster, \
+            distributed.Client(cluster) as client:
+        here = os.path.dirname(sklearn_transfer.__file__)
+        assert set(client.run(lambda: os.path.dirname(sklearn_transfer.__file__)).values()) \
+            == {here}
+        yield client
+
+
 @pytest.fixture
 def tiny_backbone() -> Backbone:
     return make_tiny_backbone()

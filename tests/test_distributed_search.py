@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import joblib
@@ -14,25 +13,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
-import sklearn_transfer
 from sklearn_transfer import CNNFeatureTransformer, FeatureCache, FineTunedClassifier
-from tests.conftest import REPO, colour_images, make_tiny_backbone
+from tests.conftest import colour_images, make_tiny_backbone
 
-distributed = pytest.importorskip("distributed")
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    # the workers must import this checkout, not another installed copy
-    with distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.ERROR, env={"PYTHONPATH": str(REPO)},
-            local_directory=str(tmp_path_factory.mktemp("dask"))) as cluster, \
-            distributed.Client(cluster) as client:
-        here = os.path.dirname(sklearn_transfer.__file__)
-        assert set(client.run(lambda: os.path.dirname(sklearn_transfer.__file__)).values()) \
-            == {here}
-        yield client
+pytest.importorskip("distributed")
 
 
 @pytest.fixture
@@ -64,9 +48,9 @@ def str_values(params: dict) -> dict:
     return {k: repr(v) for k, v in params.items()}
 
 
-def test_a_cached_pipeline_search_on_dask_matches_the_local_one(client, tmp_path, one_thread):
+def test_a_cached_pipeline_search_on_dask_matches_the_local_one(dask_client, tmp_path, one_thread):
     X, y = labelled_pngs(tmp_path / "images")
-    assert client.run(torch.get_num_threads) == dict.fromkeys(client.run(os.getpid), 1)
+    assert dask_client.run(torch.get_num_threads) == dict.fromkeys(dask_client.run(os.getpid), 1)
 
     def search(cache) -> GridSearchCV:
         pipe = Pipeline([
@@ -94,7 +78,7 @@ def test_a_cached_pipeline_search_on_dask_matches_the_local_one(client, tmp_path
     np.testing.assert_array_equal(on_dask.predict(X), local.predict(X))
 
 
-def test_a_fine_tuning_search_on_dask_matches_the_local_one(client, one_thread):
+def test_a_fine_tuning_search_on_dask_matches_the_local_one(dask_client, one_thread):
     X = colour_images(24, size=32, seed=1)
     y = np.array(["red" if arr[..., 0].mean() > 127 else "other" for arr in X])
 
