@@ -10,6 +10,8 @@
 * :func:`extract_codes`, :func:`read_codes`, :func:`iter_codes`: codes of
   large image collections to and from a resumable Parquet dataset, locally or
   on a Dask cluster.
+* :class:`StrategySearchCV`: which strategy (codes, fine-tuning) for these
+  images, cross-validated within a time budget.
 """
 
 __version__ = "0.1.0"
@@ -22,6 +24,7 @@ from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.finetune import FineTunedClassifier
 from sklearn_transfer.images import ImageLoadError, load_image_folder
 from sklearn_transfer.preprocessing import DataConfig
+from sklearn_transfer.strategy import StrategySearchCV
 
 __all__ = [
     "Backbone",
@@ -31,6 +34,7 @@ __all__ = [
     "FeatureCache",
     "FineTunedClassifier",
     "ImageLoadError",
+    "StrategySearchCV",
     "__version__",
     "available_backbones",
     "extract_codes",

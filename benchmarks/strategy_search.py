@@ -1,0 +1,144 @@
+"""StrategySearchCV on the real datasets: which strategy wins where, within a time budget.
+
+For every ``NAME/{train,val}`` dataset under the data folder (and
+scikit-learn's digits), ``StrategySearchCV(strategies="auto", cv=3,
+time_budget=...)`` cross-validates the strategies on ``train`` only; the
+chosen one is refitted on all of ``train`` and scored once on ``val``.
+Writes ``results.json``, ``results.md`` (the tables README shows) and one
+score-against-cost plot per dataset to ``--out``.
+
+Run::
+
+    python benchmarks/strategy_search.py --out benchmarks/results/strategy
+    python benchmarks/strategy_search.py --datasets hymenoptera_data --budget 900
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.suite import DIGITS, digits, find_datasets  # noqa: E402
+
+
+def fmt_params(params: dict) -> str:
+    return ", ".join(f"{k.split('__')[-1]}={v}" for k, v in params.items()) or "-"
+
+
+def run_one(d, budget: float, out: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sklearn_transfer import StrategySearchCV
+
+    t0 = time.perf_counter()
+    search = StrategySearchCV(cv=3, time_budget=budget, random_state=0, verbose=1)
+    # one BLAS thread for the heads (two made LogisticRegression on codes far slower here)
+    with threadpool_limits(limits=1, user_api="blas"):
+        search.fit(d.X_train, d.y_train)
+        total = time.perf_counter() - t0
+        val = float(search.score(d.X_val, d.y_val))
+    res = search.cv_results_
+    rows = []
+    for i in range(len(res["params"])):
+        rows.append({
+            "strategy": res["strategy"][i], "params": fmt_params(res["params"][i]),
+            "status": res["status"][i],
+            "mean_test_score": float(res["mean_test_score"][i]),
+            "std_test_score": float(res["std_test_score"][i]),
+            "total_seconds": float(res["total_seconds"][i]),
+            "estimated_seconds": float(res["estimated_seconds"][i]),
+            "images_per_s": float(res["images_per_s"][i]),
+        })
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    search.plot(ax)
+    ax.set_title(f"{d.name}: {len(d.y_train)} train images, budget {budget:.0f} s")
+    fig.tight_layout()
+    fig.savefig(out / f"{d.name}.png", dpi=110)
+    plt.close(fig)
+    return {"dataset": d.name, "n_train": len(d.y_train), "n_val": len(d.y_val),
+            "best_strategy": search.best_strategy_, "best_params": fmt_params(search.best_params_),
+            "best_cv_score": search.best_score_, "val_accuracy": val,
+            "search_and_refit_s": total, "refit_s": search.refit_time_, "rows": rows}
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [f"command: `{meta['command']}`  ", f"machine: {meta['machine']}  ",
+             f"load average at start/end: {meta['load_start']:.2f} / {meta['load_end']:.2f}",
+             "", "| dataset | train | chosen | CV accuracy | val accuracy | search + refit s |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['dataset']} | {r['n_train']} | {r['best_strategy']} "
+                     f"({r['best_params']}) | {r['best_cv_score']:.3f} | "
+                     f"{r['val_accuracy']:.3f} | {r['search_and_refit_s']:.0f} |")
+    for r in results:
+        lines += ["", f"**{r['dataset']}** (`cv_results_`, best setting per strategy; "
+                  "skipped = estimated to break the budget)", "",
+                  "| strategy | best setting | CV accuracy | seconds (CV) | estimated s | "
+                  "train img/s |", "|---|---|---|---|---|---|"]
+        best = {}
+        for row in r["rows"]:
+            s = row["strategy"]
+            key = -np.inf if np.isnan(row["mean_test_score"]) else row["mean_test_score"]
+            if s not in best or key > best[s][0]:
+                best[s] = (key, row)
+        for s, (_, row) in best.items():
+            score = ("skipped" if row["status"] == "skipped"
+                     else f"{row['mean_test_score']:.3f} ± {row['std_test_score']:.3f}")
+            secs = "-" if np.isnan(row["total_seconds"]) else f"{row['total_seconds']:.0f}"
+            est = "-" if np.isnan(row["estimated_seconds"]) else f"{row['estimated_seconds']:.0f}"
+            ips = "-" if np.isnan(row["images_per_s"]) else f"{row['images_per_s']:.0f}"
+            lines.append(f"| {s} | {row['params']} | {score} | {secs} | {est} | {ips} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--datasets", nargs="+", help="names under DATA (default: all), "
+                        f"or {DIGITS}")
+    parser.add_argument("--budget", type=float, default=300.0,
+                        help="time_budget of each search, seconds (default 300)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest"
+                                             / "strategy"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in (args.datasets or []) if n != DIGITS]
+    datasets = find_datasets(Path(args.data), False, names) if names or not args.datasets \
+        else []
+    datasets = [d for d in datasets if d.name != DIGITS]
+    if not args.datasets or DIGITS in args.datasets:
+        datasets.append(digits())
+    import torch
+
+    meta = {"command": "python " + shlex.join([os.path.relpath(__file__), *sys.argv[1:]]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+            "load_start": os.getloadavg()[0]}
+    results = []
+    for d in datasets:
+        print(f"== {d.name}: {len(d.y_train)} train, {len(d.y_val)} val", flush=True)
+        results.append(run_one(d, args.budget, out))
+        meta["load_end"] = os.getloadavg()[0]
+        (out / "results.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                     indent=1, default=str))
+        (out / "results.md").write_text(markdown(results, meta))
+    print(markdown(results, meta))
+
+
+if __name__ == "__main__":
+    main()
