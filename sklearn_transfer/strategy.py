@@ -157,7 +157,8 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         ``split{k}_test_score``, ``rank_test_score``, ``mean_fit_time``,
         ``mean_score_time``, ``total_seconds`` (its whole cross-validation,
         probe included), ``estimated_seconds`` (skorch nets; else NaN) and
-        ``images_per_s`` (training images of a fold over the mean fit time).
+        ``images_per_s`` (images a fit went through, every epoch counted, over
+        the mean fit time).
         ``pandas.DataFrame(search.cv_results_)`` shows it as a table.
     best_index_ : int
     best_strategy_ : str
@@ -322,23 +323,38 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             row.update(status="done", test_scores=result["test_score"],
                        fit_times=result["fit_time"], score_times=result["score_time"],
                        total_seconds=time.perf_counter() - t0)
-            row["images_per_s"] = n_train / float(np.mean(result["fit_time"]))
+            epochs = candidate.max_epochs if _is_net(candidate) else 1
+            row["images_per_s"] = n_train * epochs / float(np.mean(result["fit_time"]))
             rows.append(row)
             self._say(f"{name} {params}: {np.mean(result['test_score']):.4f} in "
                       f"{row['total_seconds']:.1f} s")
         return rows
 
     def _estimate(self, net: Any, X: Any, y: np.ndarray, n_train: float) -> float:
-        """Seconds of ``net``'s cross-validation, from one epoch on two batches."""
+        """Seconds of ``net``'s cross-validation, from one epoch and one prediction on two batches.
+
+        A fold costs: building the network, ``max_epochs`` times (training on
+        what ``train_split`` leaves, evaluating the rest), then predicting the
+        test fold; the probe itself is counted too.
+        """
         batch = net.batch_size if net.batch_size > 0 else 32
         idx = _probe_subset(y, min(len(y), 2 * batch))
+        X_probe = _safe_indexing(X, idx)
         probe = clone(net).set_params(max_epochs=1, train_split=None)
         t0 = time.perf_counter()
-        probe.fit(_safe_indexing(X, idx), y[idx])
-        elapsed = time.perf_counter() - t0
-        per_image = probe.history_[-1, "dur"] / len(idx)
-        overhead = max(elapsed - probe.history_[-1, "dur"], 0.0)  # building the network
-        return elapsed + self.n_splits_ * (overhead + net.max_epochs * n_train * per_image)
+        probe.fit(X_probe, y[idx])
+        t1 = time.perf_counter()
+        probe.predict_proba(X_probe)
+        t2 = time.perf_counter()
+        train_epoch = probe.history_[-1, "dur"]
+        per_train, per_eval = train_epoch / len(idx), (t2 - t1) / len(idx)
+        overhead = max(t1 - t0 - train_epoch, 0.0)  # building the network, initialising
+        split = getattr(net.train_split, "cv", 0.2) if net.train_split is not None else 0.0
+        valid = split if isinstance(split, float) else 1 / split
+        epoch = n_train * ((1 - valid) * per_train + valid * per_eval)
+        n_test = len(y) / self.n_splits_
+        fold = overhead + net.max_epochs * epoch + n_test * per_eval
+        return (t2 - t0) + self.n_splits_ * fold
 
     def _say(self, text: str) -> None:
         if self.verbose:
