@@ -412,13 +412,15 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             colour = f"C{i}"
             rows = res["strategy"] == name
             done = rows & (res["status"] == "done")
-            ax.errorbar(res["total_seconds"][done], res["mean_test_score"][done],
-                        yerr=res["std_test_score"][done], fmt="o", color=colour, label=name,
-                        capsize=3)
+            if done.any():
+                ax.errorbar(res["total_seconds"][done], res["mean_test_score"][done],
+                            yerr=res["std_test_score"][done], fmt="o", color=colour,
+                            label=name, capsize=3)
             skipped = rows & (res["status"] == "skipped")
-            for seconds in res["estimated_seconds"][skipped]:
-                ax.axvline(seconds, color=colour, linestyle=":",
-                           label=f"{name} (skipped, estimated)")
+            for j, seconds in enumerate(res["estimated_seconds"][skipped]):
+                if not np.isnan(seconds):
+                    ax.axvline(seconds, color=colour, linestyle=":",
+                               label=None if j else f"{name} (skipped, estimated)")
         if self.time_budget is not None:
             ax.axvline(self.time_budget, color="k", linestyle="--", label="time budget")
         ax.set_xscale("log")
