@@ -4,7 +4,10 @@
 adds to its callbacks. It writes one file holding everything the next epoch
 depends on: the module, the optimizer, the history, the state of the other
 callbacks (learning-rate schedulers, early stopping with its best weights,
-the best scores of the scoring callbacks), and the random states of Python,
+the best scores of the scoring callbacks, and what any callback with
+``checkpoint_state()`` / ``load_checkpoint_state(state)`` methods returns,
+such as the weight average of :class:`~sklearn_transfer.finetune.WeightEMA`),
+and the random states of Python,
 NumPy and torch, both those the training started from (the validation
 split replays from them) and those after the epoch (shuffling, augmentation,
 dropout). The file is written next to its final name and renamed over it
@@ -320,6 +323,8 @@ class TrainingCheckpoint(Callback):
                     setattr(cb, key, saved[name][key])
             if "best_score_" in saved[name]:
                 cb.best_score_ = saved[name]["best_score_"]
+            if "state" in saved[name]:
+                cb.load_checkpoint_state(saved[name]["state"])
         # building a scheduler with last_epoch > -1 stepped the learning rates: put them back
         net.optimizer_.load_state_dict(self._state["optimizer"])
 
@@ -335,6 +340,8 @@ class TrainingCheckpoint(Callback):
                     best_model_weights_=cb.__dict__.get("best_model_weights_"))
             if isinstance(getattr(cb, "best_score_", None), (int, float)):
                 entry["best_score_"] = float(cb.best_score_)
+            if callable(getattr(cb, "checkpoint_state", None)):
+                entry["state"] = cb.checkpoint_state()
             if entry:
                 callbacks[name] = entry
         done = net.history.to_list()[:-1]  # the row of the epoch that is beginning is not done

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sklearn_transfer.backbones import Backbone, get_backbone, module_fingerprint
-from sklearn_transfer.preprocessing import DataConfig
+from sklearn_transfer.preprocessing import DataConfig, tta_views
 
 __all__ = ["CODES_VERSION", "POOLINGS", "CodesComputation", "CodesExtractor"]
 
@@ -77,8 +77,9 @@ class CodesExtractor(nn.Module):
         self.tta = tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tta:  # one batch of both views: the network runs once
-            return self._codes(torch.cat([x, x.flip(3)])).unflatten(0, (2, -1)).mean(0)
+        if self.tta:  # one batch of every view: the network runs once
+            views = tta_views(x)
+            return self._codes(torch.cat(views)).unflatten(0, (len(views), -1)).mean(0)
         return self._codes(x)
 
     def _codes(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,21 @@ skorch users know them. What it adds:
   (one sigmoid per label), a default recipe that works out of the box
   (AdamW, a smaller learning rate for pretrained layers, cosine schedule, early
   stopping with the best validation weights restored), ``random_state``, and
-  crash-safe training (:class:`~sklearn_transfer.checkpoint.TrainingCheckpoint`).
+  crash-safe training (:class:`~sklearn_transfer.checkpoint.TrainingCheckpoint`);
+* the knobs of the modern fine-tuning recipes, each off by default: label
+  smoothing (``criterion__label_smoothing``), MixUp/CutMix (``mixup``, timm's),
+  layer-wise learning-rate decay (``layer_decay``), a linear warm-up
+  (``warmup_epochs``), an average of the weights (``ema``, timm's
+  ``ModelEmaV3``) and test-time augmentation (``tta``).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import numbers
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,7 +61,7 @@ from skorch.callbacks import (
     PrintLog,
 )
 from skorch.dataset import ValidSplit, unpack_data
-from skorch.utils import TeeGenerator, is_dataset
+from skorch.utils import TeeGenerator, is_dataset, to_numpy
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -62,7 +69,7 @@ from sklearn_transfer.backbones import Backbone, get_backbone
 from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
 from sklearn_transfer.checkpoint import TrainingCheckpoint
 from sklearn_transfer.images import as_image_source
-from sklearn_transfer.preprocessing import DataConfig, augment_options
+from sklearn_transfer.preprocessing import DataConfig, augment_options, tta_views
 from sklearn_transfer.runtime import (
     PRECISIONS,
     Runtime,
@@ -73,7 +80,7 @@ from sklearn_transfer.runtime import (
 )
 
 __all__ = ["DEFAULT_DEVICE", "FineTuneModule", "FineTunedClassifier", "FiniteLoss",
-           "resolve_freeze_depth"]
+           "WeightEMA", "resolve_freeze_depth", "warmup_schedule"]
 
 #: CUDA when a GPU is visible, else the CPU: the classifier's default device.
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -237,6 +244,133 @@ class FiniteLoss(Callback):
                 f"(lr={net.lr!r}, backbone_lr_mult={getattr(net, 'backbone_lr_mult', None)!r})")
 
 
+class WeightEMA(Callback):
+    """An exponential moving average of the weights, which replaces them when training ends.
+
+    After every training step, timm's :class:`timm.utils.ModelEmaV3` updates
+    ``ema = decay * ema + (1 - decay) * weights`` over the module's
+    parameters and floating-point buffers (BatchNorm statistics), starting
+    from the weights training starts with. Training and the validation
+    scores of each epoch use the trained weights; at the end of training
+    (after early stopping, or ``max_epochs``) the average is loaded into the
+    module, which ``predict`` then uses. The average averages over about
+    ``1 / (1 - decay)`` steps: keep that well below the number of training
+    steps (``max_epochs * n_train / batch_size``), or it stays close to
+    the starting weights and their fresh head.
+
+    :class:`~sklearn_transfer.checkpoint.TrainingCheckpoint` saves and
+    restores the average (``checkpoint_state`` / ``load_checkpoint_state``),
+    so a resumed fit ends with the same one.
+
+    Parameters
+    ----------
+    decay : float in (0, 1), default=0.99
+    """
+
+    def __init__(self, decay: float = 0.99) -> None:
+        self.decay = decay
+
+    def initialize(self) -> WeightEMA:
+        self.ema_: Any = None
+        return self
+
+    def on_train_begin(self, net: Any, **kwargs: Any) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.ema_ = ModelEmaV3(net.module_, decay=self.decay)
+
+    def on_batch_end(self, net: Any, training: bool = False, **kwargs: Any) -> None:
+        if training and self.ema_ is not None:
+            self.ema_.update(net.module_)
+
+    def on_train_end(self, net: Any, **kwargs: Any) -> None:
+        if self.ema_ is not None:
+            net.module_.load_state_dict(self.ema_.module.state_dict())
+        self.ema_ = None  # a training-time copy of the network: not kept in the model
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor] | None:
+        return None if self.ema_ is None else self.ema_.module.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is not None and self.ema_ is not None:
+            self.ema_.module.load_state_dict(state)
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_epochs: int, max_epochs: int,
+                    cosine: bool = True, last_epoch: int = -1) -> Any:
+    """Linear learning-rate warm-up, then cosine annealing (or the full rate) per epoch.
+
+    Epoch ``e <= warmup_epochs`` trains at ``e / (warmup_epochs + 1)`` of each
+    group's rate (torch's ``LinearLR``), the next epochs at the full rate,
+    annealed over the remaining ``max_epochs - warmup_epochs`` epochs by
+    ``CosineAnnealingLR`` (joined with ``SequentialLR``) when ``cosine``.
+    A policy for skorch's ``LRScheduler``, which passes ``last_epoch``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_transfer.finetune import warmup_schedule
+    >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    >>> schedule = warmup_schedule(opt, warmup_epochs=2, max_epochs=4)
+    >>> lrs = []
+    >>> for _ in range(4):
+    ...     lrs.append(round(opt.param_groups[0]["lr"], 4))
+    ...     opt.step()
+    ...     schedule.step()
+    >>> lrs
+    [0.3333, 0.6667, 1.0, 0.5]
+    """
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    schedule: Any = LinearLR(optimizer, start_factor=1 / (warmup_epochs + 1), end_factor=1.0,
+                             total_iters=warmup_epochs)
+    if cosine:
+        anneal = CosineAnnealingLR(optimizer, T_max=max_epochs - warmup_epochs)
+        schedule = SequentialLR(optimizer, [schedule, anneal], milestones=[warmup_epochs])
+    with warnings.catch_warnings():  # stepping before optimizer.step() is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(last_epoch + 1):  # training continued (partial_fit): where it was
+            schedule.step()
+    return schedule
+
+
+# timm's Mixup options the classifier sets itself: from y, and from criterion__label_smoothing
+_MIXUP_OWN = {"num_classes": "the number of classes or labels of y",
+              "multi_label": "the type of y",
+              "label_smoothing": "criterion__label_smoothing, which smooths the mixed targets "
+                                 "as well"}
+
+
+def _mixup_options(mixup: float | dict) -> dict[str, Any]:
+    """``mixup`` as keyword arguments of timm's ``Mixup`` (a float: MixUp's alpha)."""
+    if isinstance(mixup, dict):
+        return dict(mixup)
+    return {"mixup_alpha": float(mixup), "cutmix_alpha": 0.0}
+
+
+def _check_mixup(mixup: Any) -> None:
+    if not isinstance(mixup, dict):
+        return
+    from timm.data import Mixup
+
+    allowed = set(inspect.signature(Mixup).parameters) - {"self"}
+    for key in mixup:
+        if key in _MIXUP_OWN:
+            raise ValueError(f"mixup={mixup!r}: {key!r} is set from {_MIXUP_OWN[key]}; leave "
+                             "it out of the dict")
+        if key not in allowed:
+            raise ValueError(f"mixup={mixup!r}: {key!r} is not an option of timm's Mixup "
+                             f"({sorted(allowed - set(_MIXUP_OWN))})")
+    options = {**{k: v.default for k, v in inspect.signature(Mixup).parameters.items()
+                  if k != "self"}, **mixup}
+    if not (options["mixup_alpha"] > 0 or options["cutmix_alpha"] > 0
+            or options["cutmix_minmax"] is not None):
+        raise ValueError(f"mixup={mixup!r} mixes nothing: give mixup_alpha > 0, cutmix_alpha "
+                         "> 0 or cutmix_minmax, or mixup=None")
+    if options["mode"] not in ("batch", "pair", "elem"):
+        raise ValueError(f"mixup={mixup!r}: mode must be 'batch', 'pair' or 'elem'")
+
+
 def _target_type_error(target_type: str) -> ValueError:
     return ValueError(
         f"y must hold class labels (binary or multiclass) or be a 0/1 indicator matrix of "
@@ -337,7 +471,8 @@ class FineTunedClassifier(NeuralNetClassifier):
         continuations do not. With ``num_workers > 0`` the training workers
         are restarted every epoch (``persistent_workers`` defaults to False)
         so that their random streams can be replayed. Custom callbacks' own
-        state is not saved.
+        state is not saved, unless they have ``checkpoint_state()`` and
+        ``load_checkpoint_state(state)`` methods (as :class:`WeightEMA`).
     precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
         Autocast precision of the forward passes (losses and weights stay
         float32). ``"auto"`` is what the device computes natively
@@ -349,7 +484,11 @@ class FineTunedClassifier(NeuralNetClassifier):
         classes and ``freeze_depth``; its own options are routed, e.g.
         ``module__head_dropout=0.5`` or ``module__head_hidden=256``.
     criterion : torch loss class, default=torch.nn.CrossEntropyLoss
-        Options are routed: ``criterion__label_smoothing=0.1``.
+        Options are routed. Label smoothing is CrossEntropyLoss's own
+        ``criterion__label_smoothing=0.1`` (the target is ``(1 - eps)`` on the
+        class and ``eps / n_classes`` everywhere; the validation loss is
+        smoothed too); a multi-label ``Y`` (``BCEWithLogitsLoss``, which has no
+        such option) refuses it.
     optimizer : torch optimizer class, default=torch.optim.AdamW
         With its default weight decay of 0.01; route options as
         ``optimizer__weight_decay=0.05``.
@@ -375,6 +514,59 @@ class FineTunedClassifier(NeuralNetClassifier):
         The iterators get ``collate_images`` (channels_last uint8 batches),
         pinned memory on CUDA and, for training, shuffling, unless routed
         parameters say otherwise.
+    mixup : None, float or dict, default=None
+        MixUp/CutMix of the training batches, by timm's
+        :class:`timm.data.Mixup`: a float is MixUp's ``mixup_alpha`` (each
+        batch is blended with its reverse, ``lam ~ Beta(alpha, alpha)``); a
+        dict passes timm's options, e.g. ``{"mixup_alpha": 0.0,
+        "cutmix_alpha": 1.0}`` (CutMix) or ``{"mixup_alpha": 0.8,
+        "cutmix_alpha": 1.0, "prob": 0.5, "mode": "elem"}``. The loss is then
+        computed on the mixed, soft targets: the default ``CrossEntropyLoss``
+        with probabilities (timm's ``SoftTargetCrossEntropy``, with the class
+        weights of ``class_weight`` and ``criterion__label_smoothing`` applied
+        to the mixed target; weighted, it is the mean over the batch, where
+        hard targets divide by the sum of their weights), ``BCEWithLogitsLoss``
+        on mixed 0/1 labels for a multi-label ``Y``; a criterion of your own
+        must accept such targets.
+        Only training is mixed: ``train_loss`` is the mixed loss, while
+        ``valid_loss``, ``valid_acc`` and prediction see the images as they
+        are. The number of classes, multi-label mode and label smoothing are
+        not options of the dict (they come from ``y`` and ``criterion``). An
+        odd batch's last image is left unmixed (timm mixes pairs). Random
+        draws come from NumPy's global RNG, which ``random_state`` seeds and
+        a checkpoint saves.
+    layer_decay : float in (0, 1] or None, default=None
+        Layer-wise learning-rate decay over the backbone's stages, as timm's
+        ``param_groups_layer_decay``: the head trains at ``lr``, the stage
+        ``k`` places from the top (``k = 1`` for the last) at ``lr *
+        backbone_lr_mult * layer_decay ** k``. ``backbone_lr_mult=1`` is
+        timm's recipe. One ``optimizer__param_groups`` entry per stage,
+        after your own groups; frozen stages have no parameter in the
+        optimizer, and the head stays group 0.
+    warmup_epochs : int, default=0
+        Linear learning-rate warm-up: epoch ``e <= warmup_epochs`` trains at
+        ``e / (warmup_epochs + 1)`` of every group's rate, then the cosine
+        schedule runs over the remaining epochs (or the rate stays constant
+        with ``lr_schedule=None``); torch's ``LinearLR`` and ``SequentialLR``
+        in skorch's ``LRScheduler`` (:func:`warmup_schedule`). Must be less
+        than ``max_epochs``.
+    ema : float in (0, 1) or None, default=None
+        Keep an exponential moving average of the weights with this decay
+        per training step (timm's ``ModelEmaV3``, the :class:`WeightEMA`
+        callback ``ema``); when training ends the average replaces the
+        weights and is what ``predict`` uses. The validation scores of each
+        epoch (and early stopping, which then restores no best epoch: the
+        average is kept) are those of the trained weights, not of the
+        average. The average spans about ``1 / (1 - ema)`` steps: keep that
+        well below the number of steps (``max_epochs * n_train /
+        batch_size``).
+    tta : bool, default=False
+        Test-time augmentation: ``predict_proba`` (so ``predict``, ``score``
+        and the ``valid_acc`` column) averages the probabilities of each
+        image and its mirror image, the views of ``CNNFeatureTransformer(tta=True)``
+        (:func:`~sklearn_transfer.preprocessing.tta_views`); twice the
+        prediction compute. ``valid_loss`` and training are unchanged: the
+        same ``random_state`` trains the same weights with and without it.
 
     Attributes
     ----------
@@ -488,6 +680,11 @@ class FineTunedClassifier(NeuralNetClassifier):
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"),
                        Options(numbers.Integral, {-1})],
         "device": [str, torch.device],
+        "mixup": [Interval(numbers.Real, 0, None, closed="neither"), dict, None],
+        "layer_decay": [Interval(numbers.Real, 0, 1, closed="right"), None],
+        "warmup_epochs": [Interval(numbers.Integral, 0, None, closed="left")],
+        "ema": [Interval(numbers.Real, 0, 1, closed="neither"), None],
+        "tta": ["boolean"],
     }
 
     def __init__(
@@ -512,6 +709,11 @@ class FineTunedClassifier(NeuralNetClassifier):
         batch_size: int = 32,
         train_split: Any = DEFAULT_TRAIN_SPLIT,
         device: str | torch.device = DEFAULT_DEVICE,
+        mixup: float | dict | None = None,
+        layer_decay: float | None = None,
+        warmup_epochs: int = 0,
+        ema: float | None = None,
+        tta: bool = False,
         **kwargs: Any,
     ) -> None:
         self.backbone = backbone
@@ -525,6 +727,11 @@ class FineTunedClassifier(NeuralNetClassifier):
         self.random_state = random_state
         self.checkpoint_dir = checkpoint_dir
         self.precision = precision
+        self.mixup = mixup
+        self.layer_decay = layer_decay
+        self.warmup_epochs = warmup_epochs
+        self.ema = ema
+        self.tta = tta
         super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
                          max_epochs=max_epochs, batch_size=batch_size,
                          train_split=train_split, device=device, **kwargs)
@@ -569,6 +776,11 @@ class FineTunedClassifier(NeuralNetClassifier):
             caller_name=type(self).__name__,
         )
         augment_options(self.augment)  # names an unknown augmentation option
+        _check_mixup(self.mixup)
+        if self.warmup_epochs >= self.max_epochs:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} leaves no epoch at the full learning rate "
+                f"of max_epochs={self.max_epochs}: use fewer warm-up epochs or more epochs")
         if isinstance(self.device, str) and self.device == "auto":
             raise ValueError(
                 "device='auto' is not a device skorch can move a network to; "
@@ -773,6 +985,11 @@ class FineTunedClassifier(NeuralNetClassifier):
             if criterion is nn.CrossEntropyLoss:
                 # the default loss, in its per-label form: one sigmoid per label
                 criterion = nn.BCEWithLogitsLoss
+                if "label_smoothing" in kwargs:
+                    raise ValueError(
+                        "criterion__label_smoothing is an option of CrossEntropyLoss, but a "
+                        "multi-label Y trains with BCEWithLogitsLoss, which has none: drop "
+                        "it, or pass a criterion of your own that smooths 0/1 targets")
         weight = self.__dict__.get("class_weight_")
         if weight is not None and weight_name not in kwargs:
             kwargs[weight_name] = torch.as_tensor(weight, dtype=torch.float32)
@@ -783,10 +1000,16 @@ class FineTunedClassifier(NeuralNetClassifier):
         kwargs = super().get_params_for(prefix)
         if prefix == "optimizer":
             # skorch's get_params_for_optimizer matches these after (so beneath) the user's
-            # own groups: the head first (group 0), then the pretrained layers' rate
+            # own groups: the head first (group 0), then the pretrained layers' rate, decayed
+            # per stage down from the top with layer_decay (frozen stages match no parameter)
             lr = kwargs.get("lr", self.lr) * self.backbone_lr_mult
-            kwargs["param_groups"] = [*kwargs.get("param_groups", []), ("head.*", {}),
-                                      ("backbone.*", {"lr": lr})]
+            groups = [*kwargs.get("param_groups", []), ("head.*", {})]
+            module = self.__dict__.get("module_")
+            if self.layer_decay is not None and module is not None:
+                n = len(module.backbone.stages)
+                groups += [(f"backbone.stages.{i}.*", {"lr": lr * self.layer_decay ** (n - i)})
+                           for i in range(n)]
+            kwargs["param_groups"] = [*groups, ("backbone.*", {"lr": lr})]
         return kwargs
 
     def get_all_learnable_params(self) -> Any:
@@ -812,13 +1035,23 @@ class FineTunedClassifier(NeuralNetClassifier):
                 # multi-label indicator matrix: subset accuracy, as score)
                 ("valid_acc", EpochScoring("accuracy", name="valid_acc", lower_is_better=False)),
             ]
-        if isinstance(self.lr_schedule, str) and self.lr_schedule == "cosine":
+        cosine = isinstance(self.lr_schedule, str) and self.lr_schedule == "cosine"
+        warmup = self.warmup_epochs if isinstance(self.warmup_epochs, numbers.Integral) else 0
+        if warmup > 0:
+            callbacks.append(("lr_scheduler", LRScheduler(
+                warmup_schedule, warmup_epochs=int(warmup), max_epochs=self.max_epochs,
+                cosine=cosine)))
+        elif cosine:
             callbacks.append(("lr_scheduler", LRScheduler(
                 torch.optim.lr_scheduler.CosineAnnealingLR, T_max=self.max_epochs)))
         if validate:
-            # patience=None never stops, and still restores the best epoch's weights
+            # patience=None never stops, and still restores the best epoch's weights, unless
+            # the weight average replaces them at the end (no use keeping copies of them)
             callbacks.append(("early_stopping", EarlyStopping(
-                monitor="valid_loss", patience=self.patience, load_best=True)))
+                monitor="valid_loss", patience=self.patience, load_best=self.ema is None)))
+        if self.ema is not None:
+            # after early stopping: its on_train_end loads the average last
+            callbacks.append(("ema", WeightEMA(self.ema)))
         callbacks.append(("finite_loss", FiniteLoss()))
         callbacks.append(("print_log", PrintLog()))
         return callbacks
@@ -910,11 +1143,33 @@ class FineTunedClassifier(NeuralNetClassifier):
         return actionable_oom(size, name, advice)
 
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
-        # a CUDA out-of-memory error names batch_size; float16 needs a gradient scaler
+        # a CUDA out-of-memory error names batch_size; float16 needs a gradient scaler;
+        # MixUp/CutMix mixes training batches only (validation and prediction see the images)
+        if self.mixup is not None:
+            batch = self._mixed(batch)
         with self._oom_hint(training=True):
             if self._runtime().precision != "float16":
                 return super().train_step(batch, **fit_params)
             return self._scaled_train_step(batch, **fit_params)
+
+    def _mixed(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch mixed by timm's ``Mixup``: blended or pasted images, soft targets."""
+        from timm.data import Mixup
+        from timm.data.mixup import mixup_target
+
+        Xi, yi = unpack_data(batch)
+        n_classes, multilabel = len(self.classes_), self._is_multilabel()
+        x = Xi.float()  # [0, 255] floats: the network normalises them as it does uint8
+        y = torch.as_tensor(yi)
+        mixer = Mixup(**_mixup_options(self.mixup), label_smoothing=0.0,
+                      num_classes=n_classes, multi_label=multilabel)
+        # timm mixes a batch with its reverse and needs an even size: an odd batch's last
+        # image stays as it is
+        pairs = len(x) - len(x) % 2
+        soft = mixup_target(y, n_classes, 1.0, 0.0, multilabel)
+        if pairs:
+            _, soft[:pairs] = mixer(x[:pairs], y[:pairs])  # mixes x[:pairs] in place
+        return x, soft
 
     def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
         # a CUDA out-of-memory error names the batch-size parameter to lower
@@ -974,7 +1229,19 @@ class FineTunedClassifier(NeuralNetClassifier):
         """
         self.check_is_fitted()  # scikit-learn's NotFittedError, not skorch's own error
         self._check_params()  # set_params after fit is checked where it is used
-        return super().predict_proba(X)
+        if not self.tta:
+            return super().predict_proba(X)
+        # skorch's predict_proba loop, each batch's probabilities averaged over the views;
+        # its loader's seed is drawn from a forked RNG: the valid_acc of each epoch (skorch
+        # scores cached outputs without a loader) leaves training's random stream as it is
+        nonlin = self._get_predict_nonlinearity()
+        probas = []
+        with torch.random.fork_rng(devices=[]):
+            for batch in self.get_iterator(self.get_dataset(X), training=False):
+                views = tta_views(unpack_data(batch)[0])
+                out = self.evaluation_step((torch.cat(views), None))  # one pass of all views
+                probas.append(to_numpy(nonlin(out).unflatten(0, (len(views), -1)).mean(0)))
+        return np.concatenate(probas, 0)
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels, of the type of ``y`` at fit.

@@ -6,6 +6,9 @@
 * :class:`ResizeCenterCrop`: the evaluation resize and centre crop in one
   resample.
 * :func:`augment_options`: what ``augment=True/False/{...}`` means for training.
+* :func:`tta_views`: what ``tta=True`` means at prediction (the codes of
+  :class:`~sklearn_transfer.CNNFeatureTransformer`, the probabilities of
+  :class:`~sklearn_transfer.FineTunedClassifier`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_AUGMENT", "DataConfig", "ResizeCenterCrop", "augment_options"]
+__all__ = ["DEFAULT_AUGMENT", "DataConfig", "ResizeCenterCrop", "augment_options", "tta_views"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -174,3 +177,22 @@ def augment_options(augment: bool | dict | None) -> dict[str, Any] | None:
         f"augment={augment!r} must be True (random resized crop and flip), False, or a dict "
         "of DataConfig.train_transform options such as {'rotation': 15, 'zoom': 0.1}"
     )
+
+
+def tta_views(x: Any) -> list[Any]:
+    """The test-time augmentation views of a batch ``(N, C, H, W)``: itself and its mirror.
+
+    ``tta=True`` averages, over these views, the codes of
+    :class:`~sklearn_transfer.CNNFeatureTransformer` and the probabilities of
+    :class:`~sklearn_transfer.FineTunedClassifier`; one definition, so that
+    both mean the same thing.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_transfer.preprocessing import tta_views
+    >>> x = torch.arange(4).reshape(1, 1, 1, 4)
+    >>> [v.flatten().tolist() for v in tta_views(x)]
+    [[0, 1, 2, 3], [3, 2, 1, 0]]
+    """
+    return [x, x.flip(3)]

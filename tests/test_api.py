@@ -56,7 +56,9 @@ def test_the_transformer_sets_no_attribute_in_init():
     FineTunedClassifier(),  # not fitted by any check: no weights are read
     FineTunedClassifier(make_tiny_backbone(), freeze_depth=1, checkpoint_dir="ckpt",
                         module__head_dropout=0.5, optimizer__weight_decay=0.1),
-], ids=["default", "routed"])
+    FineTunedClassifier(mixup={"cutmix_alpha": 1.0}, layer_decay=0.75, warmup_epochs=1,
+                        ema=0.99, tta=True, criterion__label_smoothing=0.1),
+], ids=["default", "routed", "recipe-knobs"])
 def test_fine_tuned_classifier_passes_sklearn_api_checks(estimator, check):
     check(type(estimator).__name__, estimator)
 

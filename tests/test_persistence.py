@@ -49,6 +49,17 @@ def test_fine_tuned_classifier_round_trip(tmp_path):
         load(tmp_path / "clf.zip", backbone=torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
 
 
+def test_the_recipe_knobs_round_trip(tmp_path):
+    X = colour_images(10, size=40, seed=1)
+    knobs = dict(mixup={"mixup_alpha": 0.4, "cutmix_alpha": 1.0}, layer_decay=0.8,
+                 warmup_epochs=1, ema=0.8, tta=True)
+    clf = fitted_classifier(**knobs)
+    dump(clf, tmp_path / "clf.zip")
+    loaded = load(tmp_path / "clf.zip", backbone=make_tiny_backbone())
+    assert {k: loaded.get_params()[k] for k in knobs} == knobs
+    np.testing.assert_array_equal(loaded.predict_proba(X), clf.predict_proba(X))  # with TTA
+
+
 def test_feature_transformer_round_trip(tmp_path):
     X = colour_images(6, size=40, seed=2)
     tf = CNNFeatureTransformer(make_tiny_backbone(), stage=[0, -1], pooling="catavgmax",
@@ -145,8 +156,9 @@ def test_unknown_parameters_and_the_other_estimators_file_are_refused(
         load(bad, backbone=make_tiny_backbone())
     # relabelled as the other estimator: its parameters give it away, whichever way round
     with_skeleton(transformer_file, bad, lambda s: s.update({"class": "FineTunedClassifier"}))
+    # (tta is a parameter of both)
     with pytest.raises(ValueError, match=r"FineTunedClassifier does not take: \['engine', "
-                       r"'memory', 'num_workers', 'pooling', 'progress', 'relu', 'stage', 'tta'\]"):
+                       r"'memory', 'num_workers', 'pooling', 'progress', 'relu', 'stage'\]"):
         load(bad, backbone=make_tiny_backbone())
     with_skeleton(classifier_file, bad, lambda s: s.update({"class": "CNNFeatureTransformer"}))
     with pytest.raises(ValueError, match=r"CNNFeatureTransformer does not take: \['augment', "):

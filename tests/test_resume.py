@@ -65,6 +65,7 @@ CHILD = textwrap.dedent("""
     from tests.conftest import colour_images, make_tiny_backbone
 
     checkpoint_dir, out, pause_marker = sys.argv[1], sys.argv[2], sys.argv[3]
+    knobs = json.loads(sys.argv[4])
     epochs_seen = []
     original = FineTunedClassifier.train_step
 
@@ -82,7 +83,7 @@ CHILD = textwrap.dedent("""
     y = np.array(["red", "green"] * 12)
     clf = FineTunedClassifier(make_tiny_backbone(), freeze_depth=1, max_epochs=4,
                               batch_size=8, lr=1e-2, patience=None, random_state=0,
-                              verbose=0, checkpoint_dir=checkpoint_dir).fit(X, y)
+                              verbose=0, checkpoint_dir=checkpoint_dir, **knobs).fit(X, y)
     np.save(out + ".npy", clf.predict_proba(X))
     torch.save(clf.module_.state_dict(), out + ".pt")
     print(json.dumps({"epochs_trained": sorted(set(epochs_seen)),
@@ -90,17 +91,24 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_a_fit_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+# the recipe knobs with state of their own: MixUp draws from NumPy's global RNG, the weight
+# average and the warm-up schedule live in callbacks
+KNOBS = {"mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}, "ema": 0.8, "warmup_epochs": 1}
+
+
+@pytest.mark.parametrize("knobs", [{}, KNOBS], ids=["default", "mixup-ema-warmup"])
+def test_a_fit_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, knobs):
     X, y = data()
-    reference = tiny().fit(X, y)  # uninterrupted, in this process, without checkpoints
+    reference = tiny(**knobs).fit(X, y)  # uninterrupted, in this process, without checkpoints
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     ckpt = tmp_path / "ckpt"
     marker = tmp_path / "mid-epoch-3"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(script), str(ckpt), str(tmp_path / "out")]
+    args = json.dumps(knobs)
 
-    killed = subprocess.Popen([*cmd, str(marker)], env=env, cwd=REPO,
+    killed = subprocess.Popen([*cmd, str(marker), args], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not marker.exists():
@@ -114,8 +122,8 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert checkpoints(ckpt) == saved  # no temporary file left half-written
 
-    resumed = subprocess.run([*cmd, "-"], env=env, cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run([*cmd, "-", args], env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert report["epochs_trained"] == [3, 4]  # epochs 1-2 came from the checkpoint
