@@ -1,4 +1,4 @@
-"""Both estimators pass scikit-learn's API checks that need no 2-D numeric data."""
+"""The estimators pass scikit-learn's API checks that need no 2-D numeric data."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sklearn.utils.estimator_checks import (
     check_set_params,
 )
 
-from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
+from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier, StrategySearchCV
 
 from .conftest import make_tiny_backbone
 
@@ -63,8 +63,22 @@ def test_fine_tuned_classifier_passes_sklearn_api_checks(estimator, check):
     check(type(estimator).__name__, estimator)
 
 
-def test_both_declare_parameter_constraints_for_every_own_parameter():
-    for cls in (CNNFeatureTransformer, FineTunedClassifier):
+# ------------------------------------------------------------------ the strategy search
+
+
+@pytest.mark.parametrize("check", [*CHECKS, check_no_attributes_set_in_init],
+                         ids=[c.__name__ for c in [*CHECKS, check_no_attributes_set_in_init]])
+@pytest.mark.parametrize("estimator", [
+    StrategySearchCV(),
+    StrategySearchCV({"mine": (CNNFeatureTransformer(), {"stage": [-1, -2]})}, cv=5,
+                     time_budget=60, memory="cache"),
+], ids=["auto", "own"])
+def test_strategy_search_passes_sklearn_api_checks(estimator, check):
+    check(type(estimator).__name__, estimator)
+
+
+def test_all_declare_parameter_constraints_for_every_own_parameter():
+    for cls in (CNNFeatureTransformer, FineTunedClassifier, StrategySearchCV):
         own = [p for p in inspect.signature(cls.__init__).parameters
                if p not in ("self", "kwargs", "module", "criterion", "optimizer",
                             "train_split")]

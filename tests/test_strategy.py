@@ -11,15 +11,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.utils._param_validation import InvalidParameterError
-from sklearn.utils.estimator_checks import (
-    check_do_not_raise_errors_in_init_or_set_params,
-    check_estimator_cloneable,
-    check_estimator_repr,
-    check_get_params_invariance,
-    check_no_attributes_set_in_init,
-    check_parameters_default_constructible,
-    check_set_params,
-)
 from torch import nn
 
 from sklearn_transfer import (
@@ -135,11 +126,3 @@ def test_bad_strategies_are_named():
         StrategySearchCV(time_budget=0).fit(X, y)
     with pytest.raises(ValueError, match="no strategy"):
         StrategySearchCV({}).fit(X, y)
-
-
-@pytest.mark.parametrize("check", [
-    check_set_params, check_do_not_raise_errors_in_init_or_set_params,
-    check_get_params_invariance, check_parameters_default_constructible,
-    check_estimator_repr, check_estimator_cloneable, check_no_attributes_set_in_init])
-def test_passes_sklearn_api_checks(check):
-    check("StrategySearchCV", StrategySearchCV(time_budget=60))
