@@ -236,7 +236,14 @@ def extract_codes(
     ``torch.set_num_threads(cores // threads on that machine)``, which also
     sizes OpenVINO, so that Dask threads times engine threads match the cores.
     Give the workers one thread each (``threads_per_worker=1``): the engine
-    parallelises inside a batch anyway.
+    parallelises inside a batch anyway. Images given as URLs are read by the
+    workers themselves (``memory://`` objects live in one process: workers
+    in other processes do not see them).
+
+    The transformer's ``memory=`` cache serves its converted network but not
+    the codes: the dataset is their store (a rerun resumes it), and each
+    image is read once for its key and its pixels, which a cache lookup
+    (hash, then decode) would make twice.
 
     Examples
     --------
@@ -838,9 +845,10 @@ def iter_codes(out: str | os.PathLike, computation: Any = None, *,
     computation : CNNFeatureTransformer or CodesComputation, optional
         See :func:`read_codes`.
     batch_size : int, default=10_000
-        Rows per batch (a batch does not span two partition files); a
+        Rows per batch (a batch does not span two partition files). A
         batch's failed images are in its ``failures``, not in its rows, so
-        it may hold fewer.
+        it may hold fewer rows, none if all of them failed (skip it before
+        ``partial_fit``, as below).
 
     Yields
     ------
@@ -865,7 +873,8 @@ def iter_codes(out: str | os.PathLike, computation: Any = None, *,
     >>> _ = extract_codes(paths, tmp / "codes", tf, labels=[0, 1] * 4, partition_size=4)
     >>> clf = SGDClassifier(random_state=0)
     >>> for batch in iter_codes(tmp / "codes", tf, batch_size=3):
-    ...     clf = clf.partial_fit(batch.codes, batch.labels, classes=[0, 1])
+    ...     if len(batch.codes):  # empty when all images of the batch failed
+    ...         clf = clf.partial_fit(batch.codes, batch.labels, classes=[0, 1])
     >>> clf.predict(batch.codes).shape
     (1,)
     """

@@ -296,6 +296,8 @@ def test_codes_from_http_and_memory_urls_equal_those_of_the_files(pngs, http_roo
         # transform takes URLs too, through the same loader
         np.testing.assert_array_equal(tf.transform(urls[:8]), local.codes[:8])
         np.testing.assert_array_equal(tf.transform(list(in_memory.paths[:8])), local.codes[:8])
+        np.testing.assert_array_equal(tf.transform([p.as_uri() for p in pngs[:8]]),
+                                      local.codes[:8])  # file:// URLs are the local files
         assert image_keys(urls[:3]) == image_keys(pngs[:3])
     finally:
         memory.rm(folder, recursive=True)
@@ -323,6 +325,18 @@ def test_a_404_and_a_refused_connection_name_the_url_and_its_index(pngs, http_ro
     assert stored.indices.tolist() == [0, 1, 2]
     assert [(f.index, f.path) for f in stored.failures] == [(3, missing), (4, refused)]
     assert "Cannot connect to host 127.0.0.1" in stored.failures[1].reason
+
+
+def test_a_missing_protocol_package_stops_even_a_skipping_job(pngs, tmp_path):
+    try:
+        import s3fs  # noqa: F401
+        pytest.skip("s3fs is installed: s3:// URLs can be read here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"image URL 's3://bucket/a\.png' \(index 1\): "
+                                          r"Install s3fs"):
+        extract_codes([pngs[0], "s3://bucket/a.png"], tmp_path / "codes", tiny())
+    assert not list((tmp_path / "codes").glob("part-*"))
 
 
 # ------------------------------------------------------------------------------ on Dask
