@@ -455,6 +455,13 @@ def _read_manifest(out: Path) -> dict:
                                 "one with sklearn_transfer.extract_codes") from None
 
 
+def _check_format(stored: dict, out: Path) -> None:
+    if stored.get("format") != FORMAT:
+        raise ValueError(f"{str(out)!r} holds a codes dataset of format {stored.get('format')}, "
+                         f"this version reads and writes format {FORMAT}; extract the codes "
+                         "again into another directory")
+
+
 def _check_computation(stored: dict, key: str, description: dict, out: Path) -> None:
     if stored["computation"] != key:
         raise ValueError(
@@ -472,9 +479,7 @@ def _check_or_write_manifest(out: Path, manifest: dict) -> None:
             Path(tmp).write_text(json.dumps(manifest, indent=1))
         return
     stored = _read_manifest(out)
-    if stored.get("format") != FORMAT:
-        raise ValueError(f"{str(out)!r} holds a codes dataset of format {stored.get('format')}, "
-                         f"this version writes format {FORMAT}; use another directory")
+    _check_format(stored, out)
     _check_computation(stored, manifest["computation"], manifest["description"], out)
     for field, what in [("n_images", "number of images"), ("partition_size", "partition_size"),
                         ("images_sha256", "image list or labels")]:
@@ -721,6 +726,7 @@ def _open_dataset(out: str | os.PathLike, computation: Any) -> tuple[dict, list[
     """The manifest and the partition files, in order, checked complete and of one job."""
     out = Path(out).expanduser().resolve()
     manifest = _read_manifest(out)
+    _check_format(manifest, out)
     if computation is not None:
         if isinstance(computation, CNNFeatureTransformer):
             if not hasattr(computation, "computation_"):

@@ -221,6 +221,13 @@ def test_another_computation_or_job_is_refused(pngs, tmp_path):
         extract_codes(pngs[:-1], out, tiny(), partition_size=8)
     with pytest.raises(ValueError, match="another job .*image list or labels differs"):
         extract_codes(pngs, out, tiny(), labels=[0] * N, partition_size=8)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    for call in (lambda: read_codes(out), lambda: extract_codes(pngs, out, tiny(),
+                                                                partition_size=8)):
+        with pytest.raises(ValueError, match="a codes dataset of format 1, this version reads "
+                                             "and writes format 2"):
+            call()
 
 
 def test_parameters_are_checked(pngs, tmp_path):
