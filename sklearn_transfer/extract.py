@@ -108,7 +108,7 @@ from sklearn_transfer.images import (
     ImageSource,
     decode_image_bytes,
     is_url,
-    read_image_bytes,
+    read_images_bytes,
 )
 from sklearn_transfer.runtime import Runtime, actionable_oom
 
@@ -495,7 +495,9 @@ class _PartitionImages(ImageDataset):
 
     Items are ``(pixels or LoadFailure, position, key or None)``: a bad image
     travels with its batch (also out of DataLoader workers) instead of
-    ending it, so the good images of the batch keep their codes.
+    ending it, so the good images of the batch keep their codes. The
+    DataLoader asks for a batch at once (``__getitems__``), so that the URLs
+    of a batch are fetched concurrently.
     """
 
     def __init__(self, paths: list[str], start: int, config: Any) -> None:
@@ -503,14 +505,24 @@ class _PartitionImages(ImageDataset):
         self.start = start
 
     def __getitem__(self, i: int) -> tuple[Any, int, bytes | None]:
-        item, key = self.source.data[i], None
-        try:
-            data = read_image_bytes(item, self.start + i)
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[Any, int, bytes | None]]:
+        items = [self.source.data[i] for i in positions]
+        indices = [self.start + i for i in positions]
+        batch = []
+        for i, item, index, data in zip(positions, items, indices,
+                                        read_images_bytes(items, indices), strict=True):
+            if isinstance(data, BaseException):
+                batch.append((LoadFailure(data), i, None))
+                continue
             key = hashlib.sha256(b"file:" + data).digest()  # cache.content_key's, one read
-            im = self.transform(decode_image_bytes(data, item, self.start + i, self.draft_size))
-            return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)), i, key
-        except Exception as exc:  # judged by the caller: skipped or raised
-            return LoadFailure(exc), i, key
+            try:
+                im = self.transform(decode_image_bytes(data, item, index, self.draft_size))
+                batch.append((torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)), i, key))
+            except Exception as exc:  # judged by the caller: skipped or raised
+                batch.append((LoadFailure(exc), i, key))
+        return batch
 
 
 def _collate(batch: list) -> tuple[Any, list[int], list[tuple[int, bytes | None]], list]:
