@@ -50,7 +50,7 @@ import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageLoadError", "ImageSource", "as_image_source", "decode_image_bytes", "file_error",
-           "is_url", "load_image_folder", "read_image_bytes", "regular_file"]
+           "is_url", "load_image_folder", "read_image_bytes", "read_images_bytes", "regular_file"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
                   ".gif")
@@ -132,7 +132,14 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+(://|::)")
 
 
 def is_url(item: Any) -> bool:
-    """Whether ``item`` is a URL string (``pathlib.Path`` objects never are)."""
+    """Whether ``item`` is a URL string (``pathlib.Path`` objects never are).
+
+    Examples
+    --------
+    >>> from sklearn_transfer.images import is_url
+    >>> is_url("s3://bucket/a.jpg"), is_url("simplecache::s3://b/a.jpg"), is_url("C:/a.jpg")
+    (True, True, False)
+    """
     return isinstance(item, str) and _URL.match(item) is not None
 
 
@@ -170,6 +177,14 @@ def read_images_bytes(items: Sequence[str | os.PathLike],
     asynchronous file system (``http(s)://``, ``s3://``, ``gs://``) are
     fetched concurrently: one request after another would leave a worker
     waiting for each round trip.
+
+    Examples
+    --------
+    >>> import fsspec
+    >>> from sklearn_transfer.images import read_images_bytes
+    >>> fsspec.filesystem("memory").pipe("memory://doc-read/a.png", b"abc")
+    >>> read_images_bytes(["memory://doc-read/a.png", "memory://doc-read/b.png"], [0, 1])
+    [b'abc', FileNotFoundError("image URL 'memory://doc-read/b.png' (index 1) does not exist")]
     """
     out: list[Any] = [None] * len(items)
     remote: dict[Any, list[tuple[int, str, str]]] = {}
