@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--device", default="auto")
     extract.add_argument("--batch-size", type=int, default=16)
     extract.add_argument("--partition-size", type=int, default=1000)
+    extract.add_argument("--on-error", default="skip", choices=["skip", "raise"],
+                         help="an unreadable image: recorded in the failures and skipped "
+                              "(default), or the end of the job")
     extract.add_argument("--memory", metavar="DIR",
                          help="a FeatureCache directory (codes and converted networks reused "
                               "across runs)")
@@ -91,7 +94,8 @@ def extract(args: argparse.Namespace) -> int:
         client = Client(args.scheduler)
     try:
         summary = extract_codes(images, args.out, transformer, labels=labels, client=client,
-                                partition_size=args.partition_size, progress=True)
+                                partition_size=args.partition_size, on_error=args.on_error,
+                                progress=True)
     finally:
         if client is not None:
             client.close()
@@ -99,7 +103,8 @@ def extract(args: argparse.Namespace) -> int:
     rate = f"{done / summary.seconds:.1f} images/s" if done else "nothing left to compute"
     print(f"{summary.out}: {summary.n_images} images in {summary.n_partitions} partitions; "
           f"this run computed {done} images ({summary.n_computed} partitions) in "
-          f"{summary.seconds:.1f} s, {rate}")
+          f"{summary.seconds:.1f} s, {rate}; {summary.n_failed} images could not be read"
+          + (" (read_codes(out).failures lists them)" if summary.n_failed else ""))
     return 0
 
 

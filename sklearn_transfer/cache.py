@@ -61,7 +61,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sklearn_transfer.images import ImageSource, as_image_source, file_error, regular_file
+from sklearn_transfer.images import (
+    ImageSource,
+    as_image_source,
+    file_error,
+    file_url_path,
+    is_url,
+    read_image_bytes,
+    regular_file,
+)
 
 if TYPE_CHECKING:
     from sklearn_transfer.computation import CodesComputation
@@ -121,8 +129,8 @@ def _checksum(image: bytes, n_features: int, data: bytes) -> bytes:
 def content_key(source: ImageSource, index: int) -> bytes:
     """SHA-256 of image ``index``'s content: the feature cache's key for it.
 
-    A file's bytes (not its path: an edited file gets a new key, a copied one
-    the same), or an in-memory image's mode/dtype, shape and pixels. A file is
+    A file's or URL's bytes (not its path: an edited file gets a new key, a
+    copied one the same), or an in-memory image's mode/dtype, shape and pixels. A file is
     read again only when it may have changed: within a process its key is
     reused while its device, inode, size, modification and change times stay
     the same.
@@ -169,8 +177,18 @@ def _stamp(name: str, index: int) -> tuple[int, ...]:
 
 
 def _file_key(item: str | os.PathLike, index: int) -> bytes:
-    """SHA-256 of ``b"file:"`` and the file's bytes, remembered while the file is unchanged."""
+    """SHA-256 of ``b"file:"`` and the file's bytes, remembered while the file is unchanged.
+
+    A URL's key is that of its bytes too (a URL and a local copy of the same
+    file share it), read each time: an object store offers no test for
+    "unchanged" that is as cheap and as sure as a file's inode and times.
+    """
     name = os.fspath(item)
+    if is_url(name):
+        local = file_url_path(name)
+        if local is None:
+            return hashlib.sha256(b"file:" + read_image_bytes(name, index)).digest()
+        name = local
     try:
         before = _stamp(name, index)
         known = _FILE_KEYS.get(name)

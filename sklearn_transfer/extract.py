@@ -16,13 +16,38 @@ The directory
     Rows ``index * partition_size`` onwards, in input order, with columns
 
     * ``index`` (int64): the image's position in the input;
-    * ``path`` (string): its absolute path;
+    * ``path`` (string): its absolute path, or its URL as given;
     * ``key`` (binary(32)): its content key,
-      :func:`~sklearn_transfer.cache.content_key` (the SHA-256 of its bytes);
+      :func:`~sklearn_transfer.cache.content_key` (the SHA-256 of its bytes;
+      null when they could not be read);
     * ``label``: when ``labels`` were given;
-    * ``codes`` (fixed_size_list<float32>[n_features]).
+    * ``codes`` (fixed_size_list<float32>[n_features]; null for a failed image);
+    * ``error`` (string): null, or why the image has no codes.
 
-    Each file's schema metadata holds the computation key too.
+    Each file's schema metadata holds the computation key and its number of
+    failed images.
+
+Images and URLs
+---------------
+Images are local paths or fsspec URLs (``s3://``, ``gs://``, ``http(s)://``,
+``memory://``, ``file://``...), so workers need not share a file system
+with the client for the images (the output directory they do share). Each
+image is read once per computation: its bytes are hashed for its key and
+decoded from memory.
+
+Failures
+--------
+With ``on_error="skip"`` (the default) an image that cannot be read or
+decoded (missing, empty, corrupt, a 404, a refused connection) does not
+stop the job: its row stays in its partition with null codes and its
+``error``, so every image of the input is in the dataset exactly once,
+either with codes or as a failure. :func:`read_codes` and
+:func:`iter_codes` return the codes of the good images and the failures
+apart (``.failures``). A rerun does not retry failed images (their
+partitions are complete: a corrupt file stays corrupt);
+``retry_failed=True`` recomputes the partitions that hold failures, for
+errors that may pass (a network outage). Errors that are no image's fault
+(a protocol's package not installed, out of memory) always stop the job.
 
 Why a fixed-size list column and not one column per feature: CNN codes are
 1,000 to 4,000+ numbers used together, never one by one; Parquet keeps
@@ -44,6 +69,12 @@ fixed by the input and ``partition_size``, which the manifest records: a
 rerun with another image list, other labels, another partition size or
 another computation is refused instead of mixing two jobs in one dataset.
 Temporary files of a run killed mid-write are removed by a later run.
+
+On a cluster, a worker that dies mid-task (killed, out of memory) loses at
+most the partition it was writing: Dask runs the task again on another
+worker, and the rename makes the partition's file appear once. Memory per
+worker is bounded by one partition (its codes and one batch of pixels,
+never the whole input), whatever the number of images.
 """
 
 from __future__ import annotations
@@ -55,26 +86,37 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from sklearn.base import clone
 
 from sklearn_transfer.backbones import module_fingerprint
-from sklearn_transfer.cache import _file_key
+from sklearn_transfer.batches import ImageDataset, LoadFailure, iterate_batches
 from sklearn_transfer.computation import CodesComputation
 from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.files import atomic_write
-from sklearn_transfer.images import IMG_EXTENSIONS, ImageLoadError, ImageSource, load_item
+from sklearn_transfer.images import (
+    IMG_EXTENSIONS,
+    ImageLoadError,
+    ImageSource,
+    decode_image_bytes,
+    is_url,
+    read_images_bytes,
+)
+from sklearn_transfer.runtime import Runtime, actionable_oom
 
-__all__ = ["ExtractedCodes", "ExtractionSummary", "extract_codes", "iter_codes", "read_codes"]
+__all__ = ["ExtractedCodes", "ExtractionSummary", "Failure", "extract_codes", "iter_codes",
+           "read_codes"]
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: failed images as rows with null codes and an error
 #: a running job's temporary file lives for the seconds one write takes; older ones are debris
 STALE_TMP_S = 600
 
@@ -98,6 +140,9 @@ class ExtractionSummary:
         Images in those partitions.
     seconds : float
         Wall time of this call.
+    n_failed : int
+        Images of the whole dataset that have no codes (see
+        :attr:`ExtractedCodes.failures`).
     """
 
     out: Path
@@ -106,6 +151,7 @@ class ExtractionSummary:
     n_computed: int
     n_images_computed: int
     seconds: float
+    n_failed: int = 0
 
 
 def extract_codes(
@@ -117,14 +163,19 @@ def extract_codes(
     client: Any = None,
     partition_size: int = 1000,
     progress: bool | str = "auto",
+    on_error: str = "skip",
+    retry_failed: bool = False,
 ) -> ExtractionSummary:
     """Write the codes of many image files to a Parquet dataset, resumably.
 
     Parameters
     ----------
-    images : sequence of paths, 1-D array of paths, or a folder
-        A folder means every image file under it (any depth), in sorted
-        order; for class folders with labels use
+    images : sequence of paths or URLs, 1-D array of them, or a folder
+        Local paths or fsspec URLs (``s3://``, ``gs://``, ``http(s)://``,
+        ``memory://``, ``file://``; the protocol's package must be
+        installed, e.g. ``aiohttp`` for HTTP). A folder (a path or a URL
+        such as ``s3://bucket/images/``) means every image file under it
+        (any depth), in sorted order; for class folders with labels use
         :func:`~sklearn_transfer.load_image_folder`.
     out : path-like
         The dataset's directory, created if missing. With a ``client`` the
@@ -146,6 +197,16 @@ def extract_codes(
     progress : bool or "auto", default="auto"
         A tqdm progress bar in images/s, updated per partition; ``"auto"``
         shows it for more than 1,000 images to compute.
+    on_error : {"skip", "raise"}, default="skip"
+        What an image that cannot be read does. ``"skip"`` records it (its
+        index, path or URL, and the reason) in its partition, without codes,
+        and goes on: one bad file in a million must not throw away hours of
+        work, and nothing is silent (``n_failed``, a warning, and
+        ``read_codes(out).failures``). ``"raise"`` stops at the first one.
+    retry_failed : bool, default=False
+        Also recompute the partitions that hold failed images (for errors
+        that may pass, such as a network outage); by default a rerun
+        computes only missing partitions.
 
     Returns
     -------
@@ -157,9 +218,16 @@ def extract_codes(
         ``out`` holds another job: another computation (the message names
         both), image list, labels or partition size.
     ImageLoadError, FileNotFoundError
-        An image cannot be read, named by its path and index in ``images``
-        (also when it failed on a Dask worker). Partitions already written
-        stay; fix or remove the image and run the same call again.
+        With ``on_error="raise"``: an image cannot be read, named by its
+        path or URL and its index in ``images`` (also when it failed on a
+        Dask worker). Partitions already written stay; fix or remove the
+        image and run the same call again.
+
+    Warns
+    -----
+    UserWarning
+        With ``on_error="skip"``, when images of this call failed: how many
+        and the first one's reason.
 
     Notes
     -----
@@ -171,7 +239,14 @@ def extract_codes(
     ``torch.set_num_threads(cores // threads on that machine)``, which also
     sizes OpenVINO, so that Dask threads times engine threads match the cores.
     Give the workers one thread each (``threads_per_worker=1``): the engine
-    parallelises inside a batch anyway.
+    parallelises inside a batch anyway. Images given as URLs are read by the
+    workers themselves (``memory://`` objects live in one process: workers
+    in other processes do not see them).
+
+    The transformer's ``memory=`` cache serves its converted network but not
+    the codes: the dataset is their store (a rerun resumes it), and each
+    image is read once for its key and its pixels, which a cache lookup
+    (hash, then decode) would make twice.
 
     Examples
     --------
@@ -197,6 +272,20 @@ def extract_codes(
     >>> stored = read_codes(tmp / "codes")
     >>> stored.codes.shape, stored.labels.tolist()
     ((5, 8), [0, 1, 0, 1, 0])
+
+    An unreadable image is recorded, not fatal:
+
+    >>> _ = (tmp / "bad.png").write_bytes(b"not an image")
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True):
+    ...     summary = extract_codes(paths + [tmp / "bad.png"], tmp / "codes2", tf)
+    >>> summary.n_failed
+    1
+    >>> stored = read_codes(tmp / "codes2")
+    >>> stored.codes.shape, stored.failures[0].index
+    ((5, 8), 5)
+    >>> print(stored.failures[0].reason)  # doctest: +ELLIPSIS
+    image file '.../bad.png' (index 5) is not an image Pillow can read
     """
     started = time.perf_counter()
     paths = _list_images(images)
@@ -210,6 +299,8 @@ def extract_codes(
         raise ValueError(f"partition_size must be a positive integer; got {partition_size!r}")
     if progress not in (True, False, "auto"):
         raise ValueError(f"progress must be True, False or 'auto'; got {progress!r}")
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}")
     if client is not None and not isinstance(client, _import_distributed().Client):
         raise TypeError(f"client must be a dask.distributed.Client or None; got "
                         f"{type(client).__name__}")
@@ -240,8 +331,14 @@ def extract_codes(
                 tmp.unlink()
 
     starts = range(0, len(paths), partition_size)
-    todo = [(i, start) for i, start in enumerate(starts)
-            if not (out / _part_name(i, computation.key)).exists()]
+    todo, kept_failed = [], 0
+    for i, start in enumerate(starts):
+        part = out / _part_name(i, computation.key)
+        failed = _n_failed(part) if part.exists() else None
+        if failed is None or (retry_failed and failed):
+            todo.append((i, start))
+        else:
+            kept_failed += failed
     missing = sum(min(partition_size, len(paths) - start) for _, start in todo)
     from tqdm.auto import tqdm
 
@@ -249,21 +346,43 @@ def extract_codes(
     bar = tqdm(total=missing, unit="img", disable=not show, desc="CNN codes")
     jobs = [(i, paths[s: s + partition_size],
              None if labels is None else labels[s: s + partition_size], s) for i, s in todo]
-    # the inner per-transform bar would fight with this one
     shipped = copy.copy(transformer)
     shipped.progress = False
+    done = _Done(bar)
     with bar:
         if client is None:
             for job in jobs:
-                bar.update(_write_partition(shipped, str(out), *job))
+                done(_write_partition(shipped, str(out), *job, on_error))
         else:
-            _run_on_cluster(client, shipped, str(out), jobs, bar)
+            _run_on_cluster(client, shipped, str(out), jobs, on_error, done)
+    if done.failed:
+        first = done.first_error
+        warnings.warn(f"{done.failed} of {missing} images could not be read and have no codes "
+                      f"(the first: {first}); they are listed in read_codes(out).failures; "
+                      "on_error='raise' stops at the first one instead", stacklevel=2)
     return ExtractionSummary(out, len(paths), len(starts), len(todo), missing,
-                             time.perf_counter() - started)
+                             time.perf_counter() - started, kept_failed + done.failed)
+
+
+class _Done:
+    """Counts what the partitions report and shows it on the progress bar."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.failed, self.first_error = bar, 0, None
+
+    def __call__(self, result: tuple[int, int, str | None]) -> None:
+        n_rows, n_failed, first_error = result
+        if n_failed:
+            self.failed += n_failed
+            self.first_error = self.first_error or first_error
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+        self.bar.update(n_rows)
 
 
 def _list_images(images: Any) -> list[str]:
-    """The user's images as absolute path strings (the slot where URLs will go)."""
+    """The user's images as absolute path strings or URLs (kept as given)."""
+    if is_url(images):
+        return _list_url_folder(images)
     if isinstance(images, (str, os.PathLike)):
         root = Path(images)
         if not root.is_dir():
@@ -281,11 +400,35 @@ def _list_images(images: Any) -> list[str]:
         for i, p in enumerate(paths):
             if not isinstance(p, (str, os.PathLike)):
                 raise TypeError(f"images[{i}] is a {type(p).__name__}; extract_codes takes file "
-                                "paths (in-memory images fit CNNFeatureTransformer.transform)")
+                                "paths or URLs (in-memory images fit "
+                                "CNNFeatureTransformer.transform)")
         if not paths:
             raise ValueError("images holds no paths; at least one is required")
     # absolute: a rerun from another directory must not resume with other files
-    return [os.path.abspath(os.fspath(p)) for p in paths]
+    return [p if is_url(p) else os.path.abspath(os.fspath(p)) for p in paths]
+
+
+def _list_url_folder(url: str) -> list[str]:
+    """Every image file under folder URL ``url``, in sorted order (fsspec's ``find``)."""
+    try:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        found = fs.find(root) if fs.isdir(root) else None
+    except ImportError as exc:
+        raise ImportError(f"images={url!r}: listing a URL needs fsspec and the package for its "
+                          f"protocol ({exc})") from None
+    except Exception as exc:  # network, auth, protocol errors of any library
+        raise ValueError(f"images={url!r}: the folder could not be listed "
+                         f"({type(exc).__name__}: {exc})") from None
+    if found is None:
+        raise ValueError(f"images={url!r} is not a folder; pass a folder or a list of image "
+                         "paths or URLs")
+    paths = sorted(fs.unstrip_protocol(p) for p in found if p.lower().endswith(IMG_EXTENSIONS))
+    if not paths:
+        raise ValueError(f"images={url!r}: no image files under this folder "
+                         f"(extensions {list(IMG_EXTENSIONS)})")
+    return paths
 
 
 def _digest(paths: list[str], labels: np.ndarray | None) -> str:
@@ -315,6 +458,13 @@ def _read_manifest(out: Path) -> dict:
                                 "one with sklearn_transfer.extract_codes") from None
 
 
+def _check_format(stored: dict, out: Path) -> None:
+    if stored.get("format") != FORMAT:
+        raise ValueError(f"{str(out)!r} holds a codes dataset of format {stored.get('format')}, "
+                         f"this version reads and writes format {FORMAT}; extract the codes "
+                         "again into another directory")
+
+
 def _check_computation(stored: dict, key: str, description: dict, out: Path) -> None:
     if stored["computation"] != key:
         raise ValueError(
@@ -332,9 +482,7 @@ def _check_or_write_manifest(out: Path, manifest: dict) -> None:
             Path(tmp).write_text(json.dumps(manifest, indent=1))
         return
     stored = _read_manifest(out)
-    if stored.get("format") != FORMAT:
-        raise ValueError(f"{str(out)!r} holds a codes dataset of format {stored.get('format')}, "
-                         f"this version writes format {FORMAT}; use another directory")
+    _check_format(stored, out)
     _check_computation(stored, manifest["computation"], manifest["description"], out)
     for field, what in [("n_images", "number of images"), ("partition_size", "partition_size"),
                         ("images_sha256", "image list or labels")]:
@@ -345,25 +493,90 @@ def _check_or_write_manifest(out: Path, manifest: dict) -> None:
                 "same images, labels and partition_size: use another directory")
 
 
-@dataclass
-class _PartitionSource(ImageSource):
-    """The paths of one partition, whose errors name the index in the whole input."""
+class _PartitionImages(ImageDataset):
+    """The images of one partition: each read once, hashed and decoded, failures returned.
 
-    start: int = 0
+    Items are ``(pixels or LoadFailure, position, key or None)``: a bad image
+    travels with its batch (also out of DataLoader workers) instead of
+    ending it, so the good images of the batch keep their codes. The
+    DataLoader asks for a batch at once (``__getitems__``), so that the URLs
+    of a batch are fetched concurrently.
+    """
 
-    def load(self, index: int, draft_size: int | None = None) -> Any:
-        return load_item(self.data[index], self.start + index, draft_size)
+    def __init__(self, paths: list[str], start: int, config: Any) -> None:
+        super().__init__(ImageSource(paths, "items"), config)
+        self.start = start
+
+    def __getitem__(self, i: int) -> tuple[Any, int, bytes | None]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[Any, int, bytes | None]]:
+        items = [self.source.data[i] for i in positions]
+        indices = [self.start + i for i in positions]
+        batch = []
+        for i, item, index, data in zip(positions, items, indices,
+                                        read_images_bytes(items, indices), strict=True):
+            if isinstance(data, BaseException):
+                batch.append((LoadFailure(data), i, None))
+                continue
+            key = hashlib.sha256(b"file:" + data).digest()  # cache.content_key's, one read
+            try:
+                im = self.transform(decode_image_bytes(data, item, index, self.draft_size))
+                batch.append((torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)), i, key))
+            except Exception as exc:  # judged by the caller: skipped or raised
+                batch.append((LoadFailure(exc), i, key))
+        return batch
+
+
+def _collate(batch: list) -> tuple[Any, list[int], list[tuple[int, bytes | None]], list]:
+    """``(pixels of the good images or None, their positions, all keys, failures)``."""
+    good = [(x, i) for x, i, _ in batch if not isinstance(x, LoadFailure)]
+    xs = torch.stack([x for x, _ in good]).permute(0, 3, 1, 2) if good else None
+    failures = [(i, x.error) for x, i, _ in batch if isinstance(x, LoadFailure)]
+    return xs, [i for _, i in good], [(i, k) for _, i, k in batch], failures
+
+
+def _partition_codes(transformer: CNNFeatureTransformer, paths: list[str], start: int,
+                     on_error: str) -> tuple[np.ndarray, list, list[str | None]]:
+    """Codes (zeros where failed), content keys and errors of one partition's images."""
+    computation = transformer.computation_
+    runtime = Runtime.from_device(transformer.device, computation.precision)
+    engine = transformer._engine_on(runtime)
+    loader = torch.utils.data.DataLoader(
+        _PartitionImages(paths, start, computation.data_config),
+        batch_size=transformer.batch_size, num_workers=transformer.num_workers,
+        collate_fn=_collate, pin_memory=runtime.pin_memory)
+    codes = np.zeros((len(paths), computation.n_features), dtype=np.float32)
+    keys: list[bytes | None] = [None] * len(paths)
+    errors: list[str | None] = [None] * len(paths)
+    prefetch = 2 if transformer.num_workers == 0 else 0  # as transform: decode overlaps compute
+    for xs, positions, batch_keys, failures in iterate_batches(loader, prefetch=prefetch):
+        for i, exc in failures:
+            # only the image's own faults are skipped; a missing package stops the job
+            if on_error == "raise" or not isinstance(exc, (ImageLoadError, FileNotFoundError)):
+                raise exc
+            errors[i] = str(exc)
+        for i, key in batch_keys:
+            keys[i] = key
+        if xs is not None:
+            with actionable_oom(transformer.batch_size):
+                codes[positions] = engine(xs)
+    return codes, keys, errors
 
 
 def _write_partition(transformer: CNNFeatureTransformer, out: str, index: int,
-                     paths: list[str], labels: np.ndarray | None, start: int) -> int:
-    """Compute one partition and write its file atomically; returns its number of rows."""
+                     paths: list[str], labels: np.ndarray | None, start: int,
+                     on_error: str = "raise") -> tuple[int, int, str | None]:
+    """Compute one partition and write its file atomically.
+
+    Returns its number of rows, of failed images, and the first failure's reason.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     computation = transformer.computation_
-    codes = transformer.transform(_PartitionSource(paths, "items", start))
-    keys = [_file_key(p, start + i) for i, p in enumerate(paths)]
+    codes, keys, errors = _partition_codes(transformer, paths, start, on_error)
+    failed = [e is not None for e in errors]
     columns = {
         "index": pa.array(np.arange(start, start + len(paths)), pa.int64()),
         "path": pa.array(paths, pa.string()),
@@ -372,13 +585,24 @@ def _write_partition(transformer: CNNFeatureTransformer, out: str, index: int,
     if labels is not None:
         columns["label"] = pa.array(labels)
     columns["codes"] = pa.FixedSizeListArray.from_arrays(
-        pa.array(codes.ravel(), pa.float32()), codes.shape[1])
+        pa.array(codes.ravel(), pa.float32()), codes.shape[1],
+        mask=pa.array(failed) if any(failed) else None)
+    columns["error"] = pa.array(errors, pa.string())
     table = pa.table(columns).replace_schema_metadata(
-        {"sklearn_transfer.computation": computation.key})
+        {"sklearn_transfer.computation": computation.key,
+         "sklearn_transfer.n_failed": str(sum(failed))})
     with atomic_write(Path(out) / _part_name(index, computation.key)) as tmp:
         # dictionaries pay for repeated labels only, never for unique paths or floats
         pq.write_table(table, tmp, use_dictionary=["label"] if labels is not None else False)
-    return len(paths)
+    return len(paths), sum(failed), next((e for e in errors if e is not None), None)
+
+
+def _n_failed(part: Path) -> int:
+    """The failed images of a partition file, from its footer (its rows are not read)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(part).metadata or {}
+    return int(metadata.get(b"sklearn_transfer.n_failed", b"0"))
 
 
 # ------------------------------------------------------------------------------ on Dask
@@ -439,12 +663,14 @@ def _on_worker(shipped: CNNFeatureTransformer, threads: dict[str, int]) -> CNNFe
 
 
 def _partition_task(shipped: CNNFeatureTransformer, threads: dict[str, int], out: str,
-                    index: int, paths: list[str], labels: np.ndarray | None, start: int) -> int:
-    return _write_partition(_on_worker(shipped, threads), out, index, paths, labels, start)
+                    index: int, paths: list[str], labels: np.ndarray | None, start: int,
+                    on_error: str) -> tuple[int, int, str | None]:
+    return _write_partition(_on_worker(shipped, threads), out, index, paths, labels, start,
+                            on_error)
 
 
 def _run_on_cluster(client: Any, shipped: CNNFeatureTransformer, out: str, jobs: list,
-                    bar: Any) -> None:
+                    on_error: str, done: _Done) -> None:
     distributed = _import_distributed()
     if not jobs:
         return
@@ -453,13 +679,13 @@ def _run_on_cluster(client: Any, shipped: CNNFeatureTransformer, out: str, jobs:
     transformer = client.scatter(shipped, broadcast=True, hash=False)
     threads = _engine_threads(client)
     run = os.urandom(4).hex()  # a fresh name per call: never an erred result of an earlier one
-    futures = [client.submit(_partition_task, transformer, threads, out, *job, pure=False,
-                             key=f"sklearn_transfer-codes-{job[0]:05d}-{run}")
+    futures = [client.submit(_partition_task, transformer, threads, out, *job, on_error,
+                             pure=False, key=f"sklearn_transfer-codes-{job[0]:05d}-{run}")
                for job in jobs]
     try:
         for future in distributed.as_completed(futures):
             try:
-                bar.update(future.result())
+                done(future.result())
             except (ImageLoadError, FileNotFoundError) as exc:
                 # the message names the image; the worker's frames would only bury it
                 raise exc.with_traceback(None) from None
@@ -471,14 +697,24 @@ def _run_on_cluster(client: Any, shipped: CNNFeatureTransformer, out: str, jobs:
 # ------------------------------------------------------------------------------ reading
 
 
+class Failure(NamedTuple):
+    """An image that has no codes: its index in the input, its path or URL, and why."""
+
+    index: int
+    path: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class ExtractedCodes:
     """Codes read back from a dataset :func:`extract_codes` wrote, in input order.
 
+    Only images with codes are rows; failed images are in ``failures``.
+
     Attributes
     ----------
     paths : ndarray of str, shape (n,)
-        The images' absolute paths: the ids of the rows.
+        The images' absolute paths or URLs: the ids of the rows.
     keys : ndarray of object (bytes), shape (n,)
         Their content keys.
     codes : ndarray of float32, shape (n, n_features)
@@ -486,6 +722,10 @@ class ExtractedCodes:
         When the dataset stores labels.
     computation : str
         The computation key.
+    indices : ndarray of int64, shape (n,)
+        The rows' positions in the input images (they skip failed images).
+    failures : tuple of Failure
+        The images without codes, in input order.
     """
 
     paths: np.ndarray
@@ -493,12 +733,15 @@ class ExtractedCodes:
     codes: np.ndarray
     labels: np.ndarray | None
     computation: str
+    indices: np.ndarray
+    failures: tuple[Failure, ...] = ()
 
 
 def _open_dataset(out: str | os.PathLike, computation: Any) -> tuple[dict, list[Path]]:
     """The manifest and the partition files, in order, checked complete and of one job."""
     out = Path(out).expanduser().resolve()
     manifest = _read_manifest(out)
+    _check_format(manifest, out)
     if computation is not None:
         if isinstance(computation, CNNFeatureTransformer):
             if not hasattr(computation, "computation_"):
@@ -525,6 +768,17 @@ def _batch_to_codes(batch: Any, manifest: dict, name: str) -> ExtractedCodes:
         raise ValueError(f"{name} holds codes of computation {stored[:12] or 'unknown'}…, "
                          f"not the dataset's {manifest['computation'][:12]}…; it does not "
                          "belong in this directory")
+    failures: tuple[Failure, ...] = ()
+    error = batch.column("error")
+    if error.null_count < len(batch):  # rows of failed images: out of the codes
+        import pyarrow.compute as pc
+
+        failed = pc.is_valid(error)
+        rows = batch.filter(failed)
+        failures = tuple(Failure(*row) for row in zip(
+            rows.column("index").to_pylist(), rows.column("path").to_pylist(),
+            rows.column("error").to_pylist(), strict=True))
+        batch = batch.filter(pc.invert(failed))
     width = manifest["n_features"]
     codes = batch.column("codes")
     if hasattr(codes, "combine_chunks"):
@@ -537,6 +791,8 @@ def _batch_to_codes(batch: Any, manifest: dict, name: str) -> ExtractedCodes:
         labels=(batch.column("label").to_numpy(zero_copy_only=False)
                 if manifest["labels"] else None),
         computation=manifest["computation"],
+        indices=batch.column("index").to_numpy(),
+        failures=failures,
     )
 
 
@@ -554,8 +810,9 @@ def read_codes(out: str | os.PathLike, computation: Any = None) -> ExtractedCode
     Returns
     -------
     ExtractedCodes
-        ``paths``, ``keys``, ``codes`` (float32, ``(n, n_features)``) and
-        ``labels`` (or ``None``), in the order of the input images.
+        ``paths``, ``keys``, ``codes`` (float32, ``(n, n_features)``),
+        ``labels`` (or ``None``) and ``indices`` of the images with codes, in
+        the order of the input images; the others in ``failures``.
 
     Notes
     -----
@@ -570,7 +827,8 @@ def read_codes(out: str | os.PathLike, computation: Any = None) -> ExtractedCode
     import pyarrow.parquet as pq
 
     manifest, files = _open_dataset(out, computation)
-    n = manifest["n_images"]
+    n_failed = sum(_n_failed(f) for f in files)  # footers only: to allocate the codes once
+    n = manifest["n_images"] - n_failed
     codes = np.empty((n, manifest["n_features"]), dtype=np.float32)
     parts, pos = [], 0
     for f in files:
@@ -580,14 +838,18 @@ def read_codes(out: str | os.PathLike, computation: Any = None) -> ExtractedCode
         codes[pos: pos + len(part.codes)] = part.codes
         pos += len(part.codes)
         parts.append(part)
-    if pos != n:
-        raise ValueError(f"{str(out)!r} holds {pos} rows for {n} images; it is damaged")
+    if pos != n or sum(len(p.failures) for p in parts) != n_failed:
+        raise ValueError(f"{str(out)!r} holds {pos} rows of codes and "
+                         f"{sum(len(p.failures) for p in parts)} failures for "
+                         f"{manifest['n_images']} images; it is damaged")
     return ExtractedCodes(
         paths=np.concatenate([p.paths for p in parts]),
         keys=np.concatenate([p.keys for p in parts]),
         codes=codes,
         labels=np.concatenate([p.labels for p in parts]) if manifest["labels"] else None,
         computation=manifest["computation"],
+        indices=np.concatenate([p.indices for p in parts]),
+        failures=tuple(f for p in parts for f in p.failures),
     )
 
 
@@ -604,7 +866,10 @@ def iter_codes(out: str | os.PathLike, computation: Any = None, *,
     computation : CNNFeatureTransformer or CodesComputation, optional
         See :func:`read_codes`.
     batch_size : int, default=10_000
-        Rows per batch (a batch does not span two partition files).
+        Rows per batch (a batch does not span two partition files). A
+        batch's failed images are in its ``failures``, not in its rows, so
+        it may hold fewer rows, none if all of them failed (skip it before
+        ``partial_fit``, as below).
 
     Yields
     ------
@@ -629,7 +894,8 @@ def iter_codes(out: str | os.PathLike, computation: Any = None, *,
     >>> _ = extract_codes(paths, tmp / "codes", tf, labels=[0, 1] * 4, partition_size=4)
     >>> clf = SGDClassifier(random_state=0)
     >>> for batch in iter_codes(tmp / "codes", tf, batch_size=3):
-    ...     clf = clf.partial_fit(batch.codes, batch.labels, classes=[0, 1])
+    ...     if len(batch.codes):  # empty when all images of the batch failed
+    ...         clf = clf.partial_fit(batch.codes, batch.labels, classes=[0, 1])
     >>> clf.predict(batch.codes).shape
     (1,)
     """

@@ -3,7 +3,7 @@
 Accepted collections (``X``):
 
 * a sequence (list, tuple, 1-D array, pandas Series) of file paths (``str`` or
-  ``pathlib.Path``), PIL images, ``(H, W)``/``(H, W, C)`` arrays or
+  ``pathlib.Path``), URLs, PIL images, ``(H, W)``/``(H, W, C)`` arrays or
   ``(C, H, W)`` tensors, mixed freely;
 * a numpy array ``(n, H, W)`` or ``(n, H, W, C)`` with ``C`` in 1, 3, 4
   (channels last, as PIL and scikit-image use), uint8 or float in [0, 1];
@@ -15,6 +15,13 @@ on white, palette/CMYK/16-bit images are converted, the EXIF orientation
 is applied. A bad item raises :class:`ImageLoadError` (a ``ValueError``) or
 ``FileNotFoundError`` naming the item and its index, in the caller's process.
 
+A URL is a string ``scheme://...`` (or an fsspec chain ``a::b://...``) and is
+read with fsspec (``s3://``, ``gs://``, ``http(s)://``, ``memory://``...: the
+package for the protocol must be installed, e.g. ``aiohttp`` for HTTP,
+``s3fs`` for S3); ``file://`` URLs are read as the local files they name.
+Plain paths never touch fsspec. A missing object or a network error raises
+``FileNotFoundError`` or :class:`ImageLoadError` naming the URL and its index.
+
 This module does not import torch (a user who passes tensors has imported
 it already); :mod:`sklearn_transfer.batches` turns the images into tensor
 batches for the networks.
@@ -22,11 +29,15 @@ batches for the networks.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import stat
 import struct
 import sys
+import urllib.parse
+import urllib.request
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -38,8 +49,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "ImageSource", "as_image_source", "file_error", "load_image_folder",
-           "regular_file"]
+__all__ = ["ImageLoadError", "ImageSource", "as_image_source", "decode_image_bytes", "file_error",
+           "is_url", "load_image_folder", "read_image_bytes", "read_images_bytes", "regular_file"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
                   ".gif")
@@ -116,9 +127,151 @@ def regular_file(path: str | os.PathLike, index: int) -> os.stat_result:
     return st
 
 
+#: ``scheme://`` or an fsspec chain ``scheme::``; two letters at least, so ``C:/x`` is a path
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+(://|::)")
+
+
+def is_url(item: Any) -> bool:
+    """Whether ``item`` is a URL string (``pathlib.Path`` objects never are).
+
+    Examples
+    --------
+    >>> from sklearn_transfer.images import is_url
+    >>> is_url("s3://bucket/a.jpg"), is_url("simplecache::s3://b/a.jpg"), is_url("C:/a.jpg")
+    (True, True, False)
+    """
+    return isinstance(item, str) and _URL.match(item) is not None
+
+
+def file_url_path(url: str) -> str | None:
+    """The local path a ``file://`` URL names, else ``None``."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme.lower() != "file" or parsed.netloc not in ("", "localhost"):
+        return None
+    return urllib.request.url2pathname(parsed.path)
+
+
+def read_image_bytes(item: str | os.PathLike, index: int) -> bytes:
+    """The bytes of image file or URL ``item``; errors name it and its index.
+
+    Local paths (and ``file://`` URLs) are checked to be regular files
+    first, with :func:`regular_file`; other URLs are read with fsspec.
+    """
+    if is_url(item):
+        local = file_url_path(item)
+        if local is None:
+            return _read_url(item, index)
+        item = local  # exactly a local path: the same checks, no fsspec
+    regular_file(item, index)
+    try:
+        return Path(item).read_bytes()
+    except OSError as exc:
+        raise file_error(exc, item, index) from None
+
+
+def read_images_bytes(items: Sequence[str | os.PathLike],
+                      indices: Sequence[int]) -> list[bytes | Exception]:
+    """The bytes of several images, or for each one that fails its error.
+
+    As :func:`read_image_bytes` for each item, but the URLs of an
+    asynchronous file system (``http(s)://``, ``s3://``, ``gs://``) are
+    fetched concurrently: one request after another would leave a worker
+    waiting for each round trip.
+
+    Examples
+    --------
+    >>> import fsspec
+    >>> from sklearn_transfer.images import read_images_bytes
+    >>> fsspec.filesystem("memory").pipe("memory://doc-read/a.png", b"abc")
+    >>> read_images_bytes(["memory://doc-read/a.png", "memory://doc-read/b.png"], [0, 1])
+    [b'abc', FileNotFoundError("image URL 'memory://doc-read/b.png' (index 1) does not exist")]
+    """
+    out: list[Any] = [None] * len(items)
+    remote: dict[Any, list[tuple[int, str, str]]] = {}
+    fsspec = None
+    if any(is_url(item) and file_url_path(item) is None for item in items):
+        with contextlib.suppress(ImportError):  # then read_image_bytes says what to install
+            import fsspec
+    for pos, (item, index) in enumerate(zip(items, indices, strict=True)):
+        if fsspec is not None and is_url(item) and file_url_path(item) is None:
+            try:
+                fs, path = fsspec.core.url_to_fs(item)
+            except Exception as exc:  # an unknown protocol, a missing package
+                out[pos] = _url_error(exc, item, index)
+                continue
+            if getattr(fs, "async_impl", False):
+                remote.setdefault(fs, []).append((pos, item, path))
+                continue
+        try:
+            out[pos] = read_image_bytes(item, index)
+        except Exception as exc:
+            out[pos] = exc
+    for fs, group in remote.items():
+        from fsspec.asyn import sync
+
+        results = sync(fs.loop, _cat_files, fs, [path for _, _, path in group])
+        for (pos, url, _), result in zip(group, results, strict=True):
+            out[pos] = (_url_error(result, url, indices[pos])
+                        if isinstance(result, BaseException) else result)
+    return out
+
+
+#: requests in flight per batch: object stores take many more, but a small server's accept
+#: queue (python -m http.server: 5) drops the connections beyond it, each then waiting 1 s
+URL_CONCURRENCY = 4
+
+
+async def _cat_files(fs: Any, paths: list[str]) -> list:
+    import asyncio
+
+    limit = asyncio.Semaphore(URL_CONCURRENCY)
+
+    async def cat(path: str) -> bytes:
+        async with limit:
+            # cat_file, not fs.cat: cat expands glob characters, which a query string has
+            return await fs._cat_file(path)
+
+    return await asyncio.gather(*(cat(p) for p in paths), return_exceptions=True)
+
+
+def _read_url(url: str, index: int) -> bytes:
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError(f"image URL {url!r} (index {index}): reading URLs needs fsspec; pip "
+                          "install fsspec (and the package for the protocol, e.g. aiohttp for "
+                          "http, s3fs for s3)") from None
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.cat_file(path)  # one request; the whole object is needed anyway
+    except Exception as exc:
+        raise _url_error(exc, url, index) from None
+
+
+def _url_error(exc: BaseException, url: str, index: int) -> Exception:
+    """The error naming URL ``url`` at ``index`` for what fsspec or its backend raised."""
+    where = f"image URL {url!r} (index {index})"
+    if isinstance(exc, ImportError):  # the protocol's package: a set-up error, not this image's
+        return ImportError(f"{where}: {exc}")
+    if isinstance(exc, FileNotFoundError):
+        return FileNotFoundError(f"{where} does not exist")
+    if isinstance(exc, IsADirectoryError):
+        return ImageLoadError(f"{where} is a directory, not an image", index, url)
+    # network, auth, protocol errors of any library
+    return ImageLoadError(f"{where} could not be read ({type(exc).__name__}: {exc})", index, url)
+
+
 def open_image(path: str | os.PathLike, draft_size: int | None = None,
                index: int | None = None) -> Image.Image:
-    """Decode a file to an RGB PIL image, applying EXIF orientation.
+    """Read and decode an image file or URL to an RGB PIL image (see :func:`decode_image_bytes`)."""
+    return decode_image_bytes(read_image_bytes(path, index), path, index, draft_size)
+
+
+def decode_image_bytes(data: bytes, item: str | os.PathLike, index: int | None,
+                       draft_size: int | None = None) -> Image.Image:
+    """Decode the bytes of image file ``item`` to RGB PIL, applying EXIF orientation.
+
+    Errors are :class:`ImageLoadError` naming ``item`` and ``index``.
 
     ``draft_size`` lets JPEGs decode at a reduced scale (1/2, 1/4 or 1/8, as
     Pillow's ``draft``) as long as both sides stay at least that large: far
@@ -127,9 +280,33 @@ def open_image(path: str | os.PathLike, draft_size: int | None = None,
     Partial image data is an error, never gray rows: JPEGs are decoded by
     libjpeg-turbo (simplejpeg) with its warnings as errors, and a PNG whose
     compressed rows stop before its last row is refused.
+
+    Examples
+    --------
+    >>> import io
+    >>> from PIL import Image
+    >>> from sklearn_transfer.images import decode_image_bytes
+    >>> buffer = io.BytesIO()
+    >>> Image.new("L", (4, 3)).save(buffer, "PNG")
+    >>> decode_image_bytes(buffer.getvalue(), "memory://a.png", 0).mode
+    'RGB'
+    >>> decode_image_bytes(b"", "memory://b.png", 1)
+    Traceback (most recent call last):
+    ...
+    sklearn_transfer.images.ImageLoadError: image URL 'memory://b.png' (index 1) is empty (0 bytes)
     """
-    regular_file(path, index)
-    data = Path(path).read_bytes()
+    if not data:
+        raise ImageLoadError(f"{_where(item, index)} is empty (0 bytes)", index, item)
+    try:
+        return _decode(data, item, draft_size, index)
+    except ImageLoadError:
+        raise  # already names the item
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise file_error(exc, item, index) from None
+
+
+def _decode(data: bytes, item: str | os.PathLike, draft_size: int | None,
+            index: int | None) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow warns for images over MAX_IMAGE_PIXELS (and raises over twice that) before
         # knowing whether draft mode shrinks the decode; the warning below says what it costs
@@ -141,10 +318,10 @@ def open_image(path: str | os.PathLike, draft_size: int | None = None,
             decoded = -(-im.width // scale) * -(-im.height // scale)
             if limit and decoded > limit:
                 warnings.warn(
-                    f"image file {os.fspath(path)!r} (index {index}) has {im.width}x{im.height}"
+                    f"{_where(item, index)} has {im.width}x{im.height}"
                     f" pixels, more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): decoding it "
                     f"takes about {decoded * 4 / 1e6:.0f} MB",
-                    RuntimeWarning, stacklevel=2)
+                    RuntimeWarning, stacklevel=4)
             if jpeg:
                 decoded_im = _decode_jpeg(data, im, scale)
             else:
@@ -302,9 +479,13 @@ class ImageSource:
         return load_item(self.data[index], index, draft_size)
 
 
+def _where(item: Any, index: int | None) -> str:
+    return f"image {'URL' if is_url(item) else 'file'} {os.fspath(item)!r} (index {index})"
+
+
 def file_error(exc: BaseException, item: Any, index: int) -> Exception:
     """The error that tells the user what is wrong with image file ``item`` at ``index``."""
-    where = f"image file {os.fspath(item)!r} (index {index})"
+    where = _where(item, index)
     if isinstance(exc, FileNotFoundError):
         return FileNotFoundError(f"{where} does not exist")
     if isinstance(exc, IsADirectoryError):
@@ -319,7 +500,7 @@ def file_error(exc: BaseException, item: Any, index: int) -> Exception:
             item,
         )
     if isinstance(exc, UnidentifiedImageError):
-        size = os.path.getsize(item) if os.path.isfile(item) else None
+        size = os.path.getsize(item) if not is_url(item) and os.path.isfile(item) else None
         what = "is empty (0 bytes)" if size == 0 else "is not an image Pillow can read"
         return ImageLoadError(f"{where} {what}", index, item)
     return ImageLoadError(
@@ -333,12 +514,7 @@ def file_error(exc: BaseException, item: Any, index: int) -> Exception:
 def load_item(item: Any, index: int, draft_size: int | None = None) -> Image.Image:
     """One element of a sequence of images -> RGB PIL image."""
     if isinstance(item, (str, os.PathLike)):
-        try:
-            return open_image(item, draft_size, index)
-        except (ImageLoadError, FileNotFoundError):
-            raise  # already names the item
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise file_error(exc, item, index) from None
+        return open_image(item, draft_size, index)  # its errors name the item
     if isinstance(item, Image.Image):
         try:
             item.load()

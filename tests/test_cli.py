@@ -52,8 +52,13 @@ def test_a_bad_image_or_option_is_one_line_naming_it(class_folders, tmp_path, ca
     (class_folders / "red" / "0.png").write_bytes(b"")
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(sorted(str(p) for p in class_folders.rglob("*.png"))) + "\n")
-    status = main(["extract", str(listing), "--out", str(tmp_path / "codes"),
-                   "--backbone", "mobilenet_v2", "--weights", "none", "--engine", "torch"])
+    options = ["--backbone", "mobilenet_v2", "--weights", "none", "--engine", "torch"]
+    with pytest.warns(UserWarning, match="1 of 6 images could not be read"):
+        status = main(["extract", str(listing), "--out", str(tmp_path / "skipped"), *options])
+    assert status == 0
+    assert "1 images could not be read (read_codes(out).failures" in capsys.readouterr().out
+    status = main(["extract", str(listing), "--out", str(tmp_path / "codes"), *options,
+                   "--on-error", "raise"])
     err = capsys.readouterr().err
     assert status == 1 and "Traceback" not in err
     last = err.strip().splitlines()[-1]  # after the progress bar

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +69,8 @@ def test_a_local_run_writes_what_transform_computes(pngs, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["computation"] == key
     first = pq.read_table(out / f"part-00000-{key[:16]}.parquet")
     assert first.schema.metadata[b"sklearn_transfer.computation"].decode() == key
-    assert first.column_names == ["index", "path", "key", "codes"]
+    assert first.column_names == ["index", "path", "key", "codes", "error"]
+    assert first.schema.metadata[b"sklearn_transfer.n_failed"] == b"0"
 
     stored = read_codes(out, tf)
     assert stored.codes.dtype == np.float32 and stored.codes.shape == (N, tf.n_features_out_)
@@ -72,6 +78,8 @@ def test_a_local_run_writes_what_transform_computes(pngs, tmp_path):
     assert stored.paths.tolist() == [str(p) for p in pngs]
     assert stored.keys.tolist() == image_keys(pngs)
     assert stored.labels is None and stored.computation == key
+    assert stored.indices.tolist() == list(range(N)) and stored.failures == ()
+    assert summary.n_failed == 0
     # a folder lists its image files in sorted order: the same job, nothing left to compute
     assert extract_codes(pngs[0].parent, out, tf, partition_size=8).n_computed == 0
 
@@ -89,13 +97,13 @@ def test_labels_are_stored_and_codes_stream_in_batches(pngs, tmp_path):
     assert np.concatenate([b.paths for b in batches]).tolist() == stored.paths.tolist()
 
 
-def test_a_bad_image_stops_the_run_and_the_rerun_computes_only_the_rest(pngs, tmp_path):
+def test_on_error_raise_stops_the_run_and_the_rerun_computes_only_the_rest(pngs, tmp_path):
     tf = tiny()
     out = tmp_path / "codes"
     good = pngs[20].read_bytes()
     pngs[20].write_text("not an image")
     with pytest.raises(ImageLoadError, match=r"img20\.png' \(index 20\) is not an image") as err:
-        extract_codes(pngs, out, tf, partition_size=8)
+        extract_codes(pngs, out, tf, partition_size=8, on_error="raise")
     assert err.value.index == 20
     written = mtimes(out)
     assert len(written) == 2  # partitions 0 and 1; 2 holds the bad image, 3 was never reached
@@ -107,6 +115,53 @@ def test_a_bad_image_stops_the_run_and_the_rerun_computes_only_the_rest(pngs, tm
     stored = read_codes(out)
     assert len(stored.paths) == len(set(stored.paths)) == N
     np.testing.assert_array_equal(stored.codes, tf.transform(pngs))
+
+
+def test_unreadable_images_are_recorded_and_the_others_keep_their_codes(pngs, tmp_path):
+    tf = tiny()
+    out = tmp_path / "codes"
+    originals = {i: pngs[i].read_bytes() for i in (5, 13, 20)}
+    pngs[5].unlink()
+    pngs[13].write_bytes(b"")
+    pngs[20].write_text("not an image")
+    with pytest.warns(UserWarning, match=r"3 of 30 images could not be read .*img05\.png' "
+                                         r"\(index 5\) does not exist"):
+        summary = extract_codes(pngs, out, tf, partition_size=8)  # on_error="skip"
+    assert (summary.n_computed, summary.n_failed) == (4, 3)
+
+    stored = read_codes(out, tf)
+    good = [i for i in range(N) if i not in originals]
+    assert stored.indices.tolist() == good and stored.paths.tolist() == [str(pngs[i]) for i in good]
+    # the good images of a batch with a bad one keep their codes (that batch holds fewer images)
+    np.testing.assert_allclose(stored.codes, tf.transform([pngs[i] for i in good]), atol=1e-5)
+    assert [(f.index, f.path) for f in stored.failures] == [(i, str(pngs[i])) for i in originals]
+    reasons = [f.reason for f in stored.failures]
+    assert reasons[0].endswith("img05.png' (index 5) does not exist")
+    assert reasons[1].endswith("img13.png' (index 13) is empty (0 bytes)")
+    assert reasons[2].endswith("img20.png' (index 20) is not an image Pillow can read")
+    raw = pq.read_table(out / f"part-00001-{tf.computation_.key[:16]}.parquet")
+    assert raw.schema.metadata[b"sklearn_transfer.n_failed"] == b"1"
+    row = raw.slice(13 - 8, 1).to_pylist()[0]
+    assert row["codes"] is None and row["key"] is not None and "is empty" in row["error"]
+    assert pq.read_table(out / f"part-00000-{tf.computation_.key[:16]}.parquet").column(
+        "key")[5].as_py() is None  # a missing file has no content
+    streamed = list(iter_codes(out, batch_size=8))
+    assert [f.index for b in streamed for f in b.failures] == [5, 13, 20]
+    np.testing.assert_array_equal(np.concatenate([b.codes for b in streamed]), stored.codes)
+
+    # a rerun does not retry failures: the job is complete
+    again = extract_codes(pngs, out, tf, partition_size=8)
+    assert (again.n_computed, again.n_failed) == (0, 3)
+    # fixed, and asked to: only the partitions that hold failures are computed again
+    for i, data in originals.items():
+        pngs[i].write_bytes(data)
+    before = mtimes(out)
+    retried = extract_codes(pngs, out, tf, partition_size=8, retry_failed=True)
+    assert (retried.n_computed, retried.n_failed) == (3, 0)
+    after = mtimes(out)
+    assert [k for k in before if before[k] == after[k]] == [
+        f"part-00003-{tf.computation_.key[:16]}.parquet"]
+    np.testing.assert_array_equal(read_codes(out).codes, tf.transform(pngs))
 
 
 def test_a_run_killed_mid_job_is_resumed_without_duplicates(pngs, tmp_path):
@@ -166,6 +221,13 @@ def test_another_computation_or_job_is_refused(pngs, tmp_path):
         extract_codes(pngs[:-1], out, tiny(), partition_size=8)
     with pytest.raises(ValueError, match="another job .*image list or labels differs"):
         extract_codes(pngs, out, tiny(), labels=[0] * N, partition_size=8)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    for call in (lambda: read_codes(out), lambda: extract_codes(pngs, out, tiny(),
+                                                                partition_size=8)):
+        with pytest.raises(ValueError, match="a codes dataset of format 1, this version reads "
+                                             "and writes format 2"):
+            call()
 
 
 def test_parameters_are_checked(pngs, tmp_path):
@@ -181,6 +243,107 @@ def test_parameters_are_checked(pngs, tmp_path):
         read_codes(tmp_path / "nothing")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         iter_codes(tmp_path / "nothing", batch_size=0)
+    with pytest.raises(ValueError, match="on_error must be 'skip' or 'raise'; got 'ignore'"):
+        extract_codes(pngs, tmp_path / "c", tiny(), on_error="ignore")
+    with pytest.raises(ValueError, match="images='memory://no-such-folder/' is not a folder"):
+        extract_codes("memory://no-such-folder/", tmp_path / "c", tiny())
+
+
+# ------------------------------------------------------------------------------ URLs
+
+
+@pytest.fixture
+def http_root(pngs):
+    """The images' folder served over HTTP on 127.0.0.1 (a real server, in a thread)."""
+    pytest.importorskip("aiohttp", reason="fsspec reads http:// URLs with aiohttp")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(pngs[0].parent))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        server.shutdown()
+        thread.join()
+
+
+def refused_url() -> str:
+    """A URL on a 127.0.0.1 port that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/img.png"
+
+
+def test_codes_from_http_and_memory_urls_equal_those_of_the_files(pngs, http_root, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    tf = tiny()
+    extract_codes(pngs, tmp_path / "local", tf, partition_size=8)
+    local = read_codes(tmp_path / "local")
+
+    urls = [http_root + p.name for p in pngs]
+    extract_codes(urls, tmp_path / "http", tf, partition_size=8)
+    over_http = read_codes(tmp_path / "http")
+    np.testing.assert_array_equal(over_http.codes, local.codes)
+    assert over_http.paths.tolist() == urls  # URLs are stored as given
+    assert over_http.keys.tolist() == local.keys.tolist()  # a URL's key is its bytes'
+
+    folder = f"memory://sklearn-transfer-{uuid.uuid4().hex}/images"
+    memory = fsspec.filesystem("memory")
+    for p in pngs:
+        memory.pipe(f"{folder}/{p.name}", p.read_bytes())
+    try:
+        extract_codes(folder + "/", tmp_path / "memory", tf, partition_size=8)  # a folder URL
+        in_memory = read_codes(tmp_path / "memory")
+        np.testing.assert_array_equal(in_memory.codes, local.codes)
+        assert [u.rsplit("/", 1)[1] for u in in_memory.paths] == [p.name for p in pngs]
+        # transform takes URLs too, through the same loader
+        np.testing.assert_array_equal(tf.transform(urls[:8]), local.codes[:8])
+        np.testing.assert_array_equal(tf.transform(list(in_memory.paths[:8])), local.codes[:8])
+        np.testing.assert_array_equal(tf.transform([p.as_uri() for p in pngs[:8]]),
+                                      local.codes[:8])  # file:// URLs are the local files
+        assert image_keys(urls[:3]) == image_keys(pngs[:3])
+    finally:
+        memory.rm(folder, recursive=True)
+
+
+def test_a_404_and_a_refused_connection_name_the_url_and_its_index(pngs, http_root, tmp_path):
+    tf = tiny()
+    missing, refused = http_root + "no-such-image.png", refused_url()
+    urls = [http_root + p.name for p in pngs[:3]] + [missing, refused]
+    with pytest.raises(FileNotFoundError) as err:
+        tf.transform(urls)
+    assert str(err.value) == f"image URL {missing!r} (index 3) does not exist"
+    with pytest.raises(ImageLoadError, match=r"image URL '.*' \(index 1\) could not be read "
+                                             r"\(ClientConnectorError: Cannot connect") as err:
+        tf.transform(urls[:1] + [refused])
+    assert (err.value.index, err.value.item) == (1, refused)
+    assert "aiohttp" not in "".join(traceback.format_exception(err.value))  # no internals
+
+    with pytest.raises(FileNotFoundError, match=r"no-such-image\.png' \(index 3\) does not"):
+        extract_codes(urls, tmp_path / "raise", tf, on_error="raise")
+    with pytest.warns(UserWarning, match="2 of 5 images could not be read"):
+        summary = extract_codes(urls, tmp_path / "skip", tf)
+    assert summary.n_failed == 2
+    stored = read_codes(tmp_path / "skip")
+    assert stored.indices.tolist() == [0, 1, 2]
+    assert [(f.index, f.path) for f in stored.failures] == [(3, missing), (4, refused)]
+    assert "Cannot connect to host 127.0.0.1" in stored.failures[1].reason
+
+
+def test_a_missing_protocol_package_stops_even_a_skipping_job(pngs, tmp_path):
+    try:
+        import s3fs  # noqa: F401
+        pytest.skip("s3fs is installed: s3:// URLs can be read here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"image URL 's3://bucket/a\.png' \(index 1\): "
+                                          r"Install s3fs"):
+        extract_codes([pngs[0], "s3://bucket/a.png"], tmp_path / "codes", tiny())
+    assert not list((tmp_path / "codes").glob("part-*"))
 
 
 # ------------------------------------------------------------------------------ on Dask
@@ -227,7 +390,7 @@ def test_a_bad_image_on_a_worker_comes_back_as_the_library_error(client, pngs, t
     good = pngs[13].read_bytes()
     pngs[13].write_bytes(b"")
     with pytest.raises(ImageLoadError, match=r"img13\.png' \(index 13\) is empty") as err:
-        extract_codes(pngs, out, tf, partition_size=8, client=client)
+        extract_codes(pngs, out, tf, partition_size=8, client=client, on_error="raise")
     frames = "".join(traceback.format_tb(err.tb))
     assert "batches.py" not in frames and "features.py" not in frames  # no worker traceback
     time.sleep(0.5)  # let the other worker finish or cancel its partition
@@ -247,3 +410,39 @@ def test_an_unfitted_transformer_is_cloned_and_stays_unfitted(pngs, tmp_path):
     assert not hasattr(unfitted, "computation_")
     stored = read_codes(tmp_path / "codes", unfitted)  # resolved as extract_codes did
     np.testing.assert_array_equal(stored.codes, tiny().transform(pngs))
+
+
+def test_a_cluster_reads_http_urls(client, pngs, http_root, tmp_path):
+    tf = tiny()
+    urls = [http_root + p.name for p in pngs]
+    extract_codes(urls, tmp_path / "dask", tf, partition_size=8, client=client)
+    np.testing.assert_array_equal(read_codes(tmp_path / "dask").codes, tf.transform(pngs))
+
+
+def test_a_worker_killed_mid_job_leaves_every_image_exactly_once(client, pngs, tmp_path):
+    """SIGKILL of a real worker process: Dask runs its task again elsewhere; the atomic
+    partition files make each image appear once. (Last of the module: a worker restarts.)"""
+    tf = tiny()
+    out = tmp_path / "codes"
+    pids = client.run(os.getpid)
+    victim = sorted(pids.values())[0]
+    seen = {}
+
+    def kill_when_some_partitions_are_written():
+        while len(list(out.glob("part-*.parquet"))) < 3:
+            time.sleep(0.0005)
+        seen["at_kill"] = len(list(out.glob("part-*.parquet")))
+        os.kill(victim, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_some_partitions_are_written, daemon=True)
+    killer.start()
+    # one image per partition: 30 tasks, so the kill lands mid-job
+    summary = extract_codes(pngs, out, tf, partition_size=1, client=client)
+    killer.join(timeout=10)
+    assert seen and seen["at_kill"] < N, "the job ended before the kill"
+    assert victim not in client.run(os.getpid).values()  # the worker really died
+    assert summary.n_computed == N and summary.n_failed == 0
+    stored = read_codes(out)
+    assert stored.paths.tolist() == [str(p) for p in pngs]  # each image once, in order
+    assert len(mtimes(out)) == N
+    np.testing.assert_allclose(stored.codes, tf.transform(pngs), atol=1e-5)
