@@ -176,6 +176,13 @@ def _stamp(name: str, index: int) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def bytes_key(data: bytes) -> bytes:
+    """The content key of an image file's or URL's bytes: SHA-256 of ``b"file:"`` and them."""
+    digest = hashlib.sha256(b"file:")
+    digest.update(data)
+    return digest.digest()
+
+
 def _file_key(item: str | os.PathLike, index: int) -> bytes:
     """SHA-256 of ``b"file:"`` and the file's bytes, remembered while the file is unchanged.
 
@@ -187,7 +194,7 @@ def _file_key(item: str | os.PathLike, index: int) -> bytes:
     if is_url(name):
         local = file_url_path(name)
         if local is None:
-            return hashlib.sha256(b"file:" + read_image_bytes(name, index)).digest()
+            return bytes_key(read_image_bytes(name, index))
         name = local
     try:
         before = _stamp(name, index)

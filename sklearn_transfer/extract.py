@@ -99,6 +99,7 @@ from sklearn.base import clone
 
 from sklearn_transfer.backbones import module_fingerprint
 from sklearn_transfer.batches import ImageDataset, LoadFailure, iterate_batches
+from sklearn_transfer.cache import bytes_key
 from sklearn_transfer.computation import CodesComputation
 from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.files import atomic_write
@@ -519,7 +520,7 @@ class _PartitionImages(ImageDataset):
             if isinstance(data, BaseException):
                 batch.append((LoadFailure(data), i, None))
                 continue
-            key = hashlib.sha256(b"file:" + data).digest()  # cache.content_key's, one read
+            key = bytes_key(data)  # cache.content_key's, from the one read
             try:
                 im = self.transform(decode_image_bytes(data, item, index, self.draft_size))
                 batch.append((torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)), i, key))

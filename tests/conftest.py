@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -47,8 +48,8 @@ def make_tiny_backbone(seed: int = 0) -> Backbone:
                     weights_id=f"tiny-seed{seed}")
 
 
-@pytest.fixture(scope="session")
-def dask_client(tmp_path_factory):
+@contextlib.contextmanager
+def local_cluster(directory: Path):
     """A real 2-process LocalCluster (2 single-threaded workers) and its client."""
     distributed = pytest.importorskip("distributed")
     import logging
@@ -59,11 +60,17 @@ def dask_client(tmp_path_factory):
     with distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
             silence_logs=logging.ERROR, env={"PYTHONPATH": str(REPO)},
-            local_directory=str(tmp_path_factory.mktemp("dask"))) as cluster, \
-            distributed.Client(cluster) as client:
+            local_directory=str(directory)) as cluster, distributed.Client(cluster) as client:
         here = os.path.dirname(sklearn_transfer.__file__)
         assert set(client.run(lambda: os.path.dirname(sklearn_transfer.__file__)).values()) \
             == {here}
+        yield client
+
+
+@pytest.fixture(scope="session")
+def dask_client(tmp_path_factory):
+    """A cluster shared by the tests that only need one (see :func:`local_cluster`)."""
+    with local_cluster(tmp_path_factory.mktemp("dask")) as client:
         yield client
 
 

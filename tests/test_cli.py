@@ -40,7 +40,8 @@ def test_extract_writes_the_codes_and_a_rerun_resumes(class_folders, tmp_path):
                                progress=False).fit()
     assert stored.paths.tolist() == paths
     assert stored.labels.tolist() == [p.split("/")[-2] for p in paths]
-    np.testing.assert_allclose(stored.codes, tf.transform(paths), atol=1e-5)
+    # float32 in another process, batches and thread count: rounding differs in the 6th digit
+    np.testing.assert_allclose(stored.codes, tf.transform(paths), rtol=1e-5, atol=1e-5)
 
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import logging
 import os
 import signal
 import socket
@@ -23,7 +22,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import sklearn_transfer
 from sklearn_transfer import (
     CNNFeatureTransformer,
     ImageLoadError,
@@ -32,7 +30,7 @@ from sklearn_transfer import (
     read_codes,
 )
 from sklearn_transfer.cache import image_keys
-from tests.conftest import REPO, colour_images, make_tiny_backbone
+from tests.conftest import REPO, colour_images, local_cluster, make_tiny_backbone
 
 N = 30  # images; with partition_size=8: partitions of 8, 8, 8 and 6
 
@@ -351,16 +349,8 @@ def test_a_missing_protocol_package_stops_even_a_skipping_job(pngs, tmp_path):
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    distributed = pytest.importorskip("distributed")
-    # the workers must import this checkout, not another installed copy
-    with distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.ERROR, env={"PYTHONPATH": str(REPO)},
-            local_directory=str(tmp_path_factory.mktemp("dask"))) as cluster, \
-            distributed.Client(cluster) as client:
-        here = os.path.dirname(sklearn_transfer.__file__)
-        assert set(client.run(lambda: os.path.dirname(sklearn_transfer.__file__)).values()) \
-            == {here}
+    # its own cluster: the tests below check what its workers hold, and one kills a worker
+    with local_cluster(tmp_path_factory.mktemp("dask")) as client:
         yield client
 
 
