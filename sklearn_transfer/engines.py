@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from sklearn_transfer.computation import CodesComputation
-from sklearn_transfer.runtime import Runtime
+from sklearn_transfer.runtime import Runtime, usable_cores
 
 __all__ = ["ENGINES", "EngineUnavailableError", "TorchEngine", "OpenVINOEngine",
            "available_engines", "build_engine", "resolve_engine"]
@@ -179,6 +179,9 @@ class OpenVINOEngine:
                     "INFERENCE_PRECISION_HINT": _OV_PRECISION[computation.precision],
                     "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, all its threads on it
                     "INFERENCE_NUM_THREADS": slot[1],
+                    # pinned threads of processes sharing the cores (Dask workers) would all
+                    # land on the first ones (Intel KB 000058227): pin only when given them all
+                    "ENABLE_CPU_PINNING": slot[1] >= usable_cores(),
                 })
                 _COMPILED[slot] = (model, compiled)
                 while len(_COMPILED) > _KEEP:

@@ -111,7 +111,7 @@ from sklearn_transfer.images import (
     is_url,
     read_images_bytes,
 )
-from sklearn_transfer.runtime import Runtime, actionable_oom
+from sklearn_transfer.runtime import Runtime, actionable_oom, usable_cores
 
 __all__ = ["ExtractedCodes", "ExtractionSummary", "Failure", "extract_codes", "iter_codes",
            "read_codes"]
@@ -624,17 +624,10 @@ def _import_distributed() -> Any:
     return distributed
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _engine_threads(client: Any) -> dict[str, int]:
     """Torch/OpenVINO threads for each worker: its machine's cores over its Dask threads."""
     workers = client.scheduler_info()["workers"]
-    cores = client.run(_usable_cores)
+    cores = client.run(usable_cores)
     on_host = Counter()
     for info in workers.values():
         on_host[info["host"]] += info["nthreads"]

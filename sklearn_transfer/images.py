@@ -499,10 +499,8 @@ def file_error(exc: BaseException, item: Any, index: int) -> Exception:
             index,
             item,
         )
-    if isinstance(exc, UnidentifiedImageError):
-        size = os.path.getsize(item) if not is_url(item) and os.path.isfile(item) else None
-        what = "is empty (0 bytes)" if size == 0 else "is not an image Pillow can read"
-        return ImageLoadError(f"{where} {what}", index, item)
+    if isinstance(exc, UnidentifiedImageError):  # empty data is refused before decoding
+        return ImageLoadError(f"{where} is not an image Pillow can read", index, item)
     return ImageLoadError(
         f"{where} could not be decoded ({type(exc).__name__}: {exc}); it may be truncated "
         "or corrupt",

@@ -9,6 +9,7 @@ restoring the random states of Python, NumPy and torch live here too.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "seed_everything",
     "seed_worker",
     "seeded",
+    "usable_cores",
 ]
 
 
@@ -67,6 +69,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one).
+
+    Examples
+    --------
+    >>> from sklearn_transfer.runtime import usable_cores
+    >>> usable_cores() >= 1
+    True
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def native_precision(device: torch.device) -> str:

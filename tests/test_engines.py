@@ -154,6 +154,23 @@ def test_a_pickled_transformer_rebuilds_its_engine():
     np.testing.assert_array_equal(again.transform(X), tf.transform(X))
 
 
+def test_openvino_pins_its_threads_only_when_it_has_every_core():
+    # processes sharing the cores (Dask workers) must not all pin to the first ones
+    from sklearn_transfer.runtime import usable_cores
+
+    tf = tiny(engine="openvino", precision="float32").fit()
+    runtime = Runtime.from_device("cpu", "float32")
+    before = torch.get_num_threads()
+    try:
+        for threads in sorted({1, usable_cores()}):
+            torch.set_num_threads(threads)
+            engine = engines.build_engine(tf.computation_, tf.backbone_, runtime)
+            pinned = engine.compiled.get_property("ENABLE_CPU_PINNING")
+            assert pinned == (threads >= usable_cores()), (threads, pinned)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_runtime_resolves_auto_precision_per_device():
     assert Runtime.from_device("cpu", "auto").precision == native_precision(torch.device("cpu"))
     assert Runtime.from_device("cpu", "float32").precision == "float32"
