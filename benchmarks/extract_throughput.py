@@ -16,8 +16,8 @@ same computation) on the same JPEGs, writing a fresh dataset each time:
   engine, are printed apart.
 
 The variants then run in ``--repeats`` interleaved rounds and the best run
-of each counts, as the machine may be shared. With ``--memory-sizes``, each
-cluster is then restarted (fresh worker processes) before one run per size,
+of each counts, as the machine may be shared. With ``--memory-sizes``, a
+new cluster of each shape (fresh worker processes) then does one run per size,
 and the peak resident memory of each worker process (``ru_maxrss``) is
 printed: flat in the number of images means the workers hold a partition at
 a time, not the job.
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from sklearn_transfer import CNNFeatureTransformer, extract_codes
+from sklearn_transfer.runtime import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SKLEARN_TRANSFER_DATA", ROOT.parent / "shared" / "data"))
@@ -67,7 +68,7 @@ def main() -> None:
     tf = CNNFeatureTransformer(progress=False).fit()
     tf.transform(paths[:16])  # warm-up: engine compiled, files in the page cache
     print(f"{len(paths)} images, {tf.computation_}, torch threads {torch.get_num_threads()}, "
-          f"cores {len(os.sched_getaffinity(0))}")
+          f"cores {usable_cores()}")
     tmp = Path(tempfile.mkdtemp())
 
     def local():
@@ -117,7 +118,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(
             {"images": args.images, "n": len(paths), "partition_size": args.partition_size,
              "seconds": seconds, "images_per_s": rates, "time_vs_transform": ratios,
-             "peak_rss_mib_per_worker": peaks, "cores": len(os.sched_getaffinity(0))}, indent=1))
+             "peak_rss_mib_per_worker": peaks, "cores": usable_cores()}, indent=1))
 
 
 @contextlib.contextmanager
