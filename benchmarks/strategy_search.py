@@ -69,7 +69,7 @@ def run_one(d, budget: float, out: Path) -> dict:
                 done = np.flatnonzero((res["strategy"] == name) & (res["status"] == "done"))
                 if name in val_of or len(done) == 0:
                     continue
-                best = done[np.argmax(res["mean_test_score"][done])]
+                best = done[np.argmin(res["rank_test_score"][done])]  # the search's own order
                 estimator = clone(strategies[name][0]).set_params(**res["params"][best])
                 print(f"   refit of {name} for its val accuracy", flush=True)
                 val_of[name] = float(estimator.fit(d.X_train, d.y_train).score(d.X_val, d.y_val))
@@ -80,6 +80,7 @@ def run_one(d, budget: float, out: Path) -> dict:
             "status": res["status"][i],
             "mean_test_score": float(res["mean_test_score"][i]),
             "std_test_score": float(res["std_test_score"][i]),
+            "rank_test_score": int(res["rank_test_score"][i]),
             "total_seconds": float(res["total_seconds"][i]),
             "estimated_seconds": float(res["estimated_seconds"][i]),
             "images_per_s": float(res["images_per_s"][i]),
@@ -119,9 +120,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         best, seconds = {}, {}
         for row in r["rows"]:
             s = row["strategy"]
-            key = -np.inf if np.isnan(row["mean_test_score"]) else row["mean_test_score"]
-            if s not in best or key > best[s][0]:
-                best[s] = (key, row)
+            if s not in best or row["rank_test_score"] < best[s][0]:
+                best[s] = (row["rank_test_score"], row)
             if not np.isnan(row["total_seconds"]):
                 seconds[s] = seconds.get(s, 0.0) + row["total_seconds"]
         for s, (_, row) in best.items():
