@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from sklearn_transfer.images import as_image_source
@@ -75,10 +74,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def pixels(self, im: Any) -> torch.Tensor:
+        """An RGB PIL image -> its transformed ``(H, W, 3)`` uint8 tensor."""
+        return self.transform(im).permute(1, 2, 0).contiguous()
+
     def __getitem__(self, index: int):
         try:
-            im = self.transform(self.source.load(index, self.draft_size))
-            x = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))
+            x = self.pixels(self.source.load(index, self.draft_size))
         except Exception as exc:  # reported by collate_images in the caller's process
             return LoadFailure(exc), index
         y = self.targets[index] if self.targets is not None else index

@@ -31,7 +31,7 @@ from sklearn_transfer.preprocessing import DataConfig, tta_views
 __all__ = ["CODES_VERSION", "POOLINGS", "CodesComputation", "CodesExtractor"]
 
 #: Bumped whenever sklearn_transfer changes how codes are computed, so old cache rows go unused.
-CODES_VERSION = 3
+CODES_VERSION = 4
 POOLINGS = ("avg", "max", "avgmax", "catavgmax")
 
 

@@ -329,7 +329,10 @@ def _decode(data: bytes, item: str | os.PathLike, draft_size: int | None,
                 if im.format == "PNG" and _png_rows_missing(data):
                     raise OSError("its compressed data ends before the last row")
                 decoded_im = im
-            return _to_rgb(ImageOps.exif_transpose(decoded_im))
+            # in place: a copy of every image without an orientation tag costs as much as
+            # decoding it, and this image is ours
+            ImageOps.exif_transpose(decoded_im, in_place=True)
+            return _to_rgb(decoded_im)
 
 
 def _jpeg_scale(size: tuple[int, int], draft_size: int | None) -> int:

@@ -24,9 +24,9 @@ ESPRESSO = 967
 
 def classify(net: Backbone, images: list[np.ndarray]) -> list[int]:
     tf = net.data_config.eval_transform()
-    x = torch.stack([torch.from_numpy(np.array(tf(Image.fromarray(im)))) for im in images])
+    x = torch.stack([tf(Image.fromarray(im)) for im in images])
     with torch.inference_mode():
-        return net.eval()(x.permute(0, 3, 1, 2)).argmax(1).tolist()
+        return net.eval()(x).argmax(1).tolist()
 
 
 @pytest.fixture(scope="module")

@@ -210,7 +210,7 @@ def test_augmentation_for_training_plain_transform_for_validation():
     clf = tiny(max_epochs=1, augment={"rotation": 10, "zoom": 0.1}).fit(X, y)
     train, valid = clf.get_split_datasets(X, clf.label_encoder_.transform(y))
     names = [type(t).__name__ for t in train.dataset.transform.transforms]
-    assert names == ["RandomAffine", "RandomResizedCrop", "RandomHorizontalFlip"]
+    assert names == ["RandomAffine", "RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor"]
     assert type(valid.dataset.transform).__name__ == "ResizeCenterCrop"
     plain = tiny(max_epochs=1, augment=False).fit(X, y)
     train, _ = plain.get_split_datasets(X, plain.label_encoder_.transform(y))
