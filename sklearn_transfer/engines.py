@@ -1,7 +1,9 @@
 """Engines that run a codes computation: torch itself, or OpenVINO's compiled CPU network.
 
 An engine turns a batch of uint8 images ``(n, 3, H, W)`` into the codes of a
-:class:`~sklearn_transfer.computation.CodesComputation`, as a float32 array.
+:class:`~sklearn_transfer.computation.CodesComputation`, as a float32 array
+(``engine(images)``), or a stream of batches into a stream of codes, in order
+(``engine.map(batches)``, what the estimators use).
 
 * ``"torch"``: the network in eager mode (channels-last, autocast to the
   computation's precision). Runs on every device.
@@ -9,7 +11,10 @@ An engine turns a batch of uint8 images ``(n, 3, H, W)`` into the codes of a
   for the CPU, where it runs faster than torch eager, in float32 and in
   bfloat16 on CPUs that have it (README's throughput table). Conversion takes seconds:
   its result is kept for the process and, given a directory (the feature
-  cache's), on disk for later processes.
+  cache's), on disk for later processes. It is compiled for throughput: one
+  stream per core, each running a batch on its own, so that ``map`` keeps a
+  batch per stream in flight and a core busy decoding images holds up one
+  batch, not every layer of all of them.
 
 :func:`resolve_engine` decides what ``engine="auto"`` means;
 :func:`build_engine` builds one.
@@ -26,8 +31,8 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +139,11 @@ class TorchEngine:
             codes = self.module(self.runtime.to_device(images))
         return codes.float().cpu().numpy()
 
+    def map(self, batches: Iterable[tuple[torch.Tensor, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+        """``(codes, tag)`` of each ``(images, tag)`` batch, in order."""
+        for images, tag in batches:
+            yield self(images), tag
+
 
 #: (converted model, compiled model) of this process, by computation key and threads
 _COMPILED: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
@@ -177,7 +187,7 @@ class OpenVINOEngine:
                     model = _convert(ov, computation, network)
                 compiled = ov.Core().compile_model(model, "CPU", {
                     "INFERENCE_PRECISION_HINT": _OV_PRECISION[computation.precision],
-                    "PERFORMANCE_HINT": "LATENCY",  # one batch at a time, all its threads on it
+                    "PERFORMANCE_HINT": "THROUGHPUT",  # streams: a batch per core (see map)
                     "INFERENCE_NUM_THREADS": slot[1],
                     # pinned threads of processes sharing the cores (Dask workers) would all
                     # land on the first ones (Intel KB 000058227): pin only when given them all
@@ -191,11 +201,39 @@ class OpenVINOEngine:
         if directory is not None and not _converted_dir(computation, directory).is_dir():
             _keep_converted(_import_openvino(), model, computation, directory)
         self.compiled = compiled
+        self.streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        # a request per batch (microseconds): threads sharing the engine never share one
-        result = self.compiled.create_infer_request().infer([images.numpy()])
-        return np.array(result[0], dtype=np.float32)  # a copy: the request owns its buffer
+        ((codes, _),) = self.map([(images, None)])
+        return codes
+
+    def map(self, batches: Iterable[tuple[torch.Tensor, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+        """``(codes, tag)`` of each ``(images, tag)`` batch, in order, one batch per stream
+        in flight while the next ones are read."""
+        # requests of this call only (microseconds each): threads sharing the engine never
+        # share one
+        idle = [self.compiled.create_infer_request() for _ in range(self.streams)]
+        running: deque = deque()
+        try:
+            for images, tag in batches:
+                if not idle:
+                    yield _result(*running.popleft(), idle)
+                request = idle.pop()
+                request.start_async([images.numpy()])  # copied in: the batch may go
+                running.append((request, tag))
+            while running:
+                yield _result(*running.popleft(), idle)
+        finally:  # left early (an error, a break): no request may outlive the call
+            for request, _ in running:
+                with contextlib.suppress(RuntimeError):  # the error in flight is the one to see
+                    request.wait()
+
+
+def _result(request: Any, tag: Any, idle: list) -> tuple[np.ndarray, Any]:
+    request.wait()
+    codes = np.array(request.get_output_tensor(0).data, dtype=np.float32)  # the request's
+    idle.append(request)  # buffer is reused by its next batch: a copy
+    return codes, tag
 
 
 def _import_openvino() -> Any:

@@ -522,8 +522,8 @@ class _PartitionImages(ImageDataset):
                 continue
             key = bytes_key(data)  # cache.content_key's, from the one read
             try:
-                im = self.transform(decode_image_bytes(data, item, index, self.draft_size))
-                batch.append((torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)), i, key))
+                x = self.pixels(decode_image_bytes(data, item, index, self.draft_size))
+                batch.append((x, i, key))
             except Exception as exc:  # judged by the caller: skipped or raised
                 batch.append((LoadFailure(exc), i, key))
         return batch
@@ -551,17 +551,23 @@ def _partition_codes(transformer: CNNFeatureTransformer, paths: list[str], start
     keys: list[bytes | None] = [None] * len(paths)
     errors: list[str | None] = [None] * len(paths)
     prefetch = 2 if transformer.num_workers == 0 else 0  # as transform: decode overlaps compute
-    for xs, positions, batch_keys, failures in iterate_batches(loader, prefetch=prefetch):
-        for i, exc in failures:
-            # only the image's own faults are skipped; a missing package stops the job
-            if on_error == "raise" or not isinstance(exc, (ImageLoadError, FileNotFoundError)):
-                raise exc
-            errors[i] = str(exc)
-        for i, key in batch_keys:
-            keys[i] = key
-        if xs is not None:
-            with actionable_oom(transformer.batch_size):
-                codes[positions] = engine(xs)
+
+    def good_images():
+        for xs, positions, batch_keys, failures in iterate_batches(loader, prefetch=prefetch):
+            for i, exc in failures:
+                # only the image's own faults are skipped; a missing package stops the job
+                if on_error == "raise" or not isinstance(exc, (ImageLoadError,
+                                                               FileNotFoundError)):
+                    raise exc
+                errors[i] = str(exc)
+            for i, key in batch_keys:
+                keys[i] = key
+            if xs is not None:
+                yield xs, positions
+
+    with actionable_oom(transformer.batch_size):
+        for batch_codes, positions in engine.map(good_images()):
+            codes[positions] = batch_codes
     return codes, keys, errors
 
 

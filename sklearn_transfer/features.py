@@ -304,14 +304,13 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         bar = tqdm(total=len(indices), unit="img", disable=not show, desc="CNN codes")
         pos = 0
         prefetch = 2 if self.num_workers == 0 else 0
-        for xb, _ in iterate_batches(loader, prefetch=prefetch):
-            with actionable_oom(self.batch_size):
-                codes = engine(xb)
-            out[pos: pos + len(codes)] = codes
-            if on_batch is not None:
-                on_batch(np.arange(pos, pos + len(codes)), out[pos: pos + len(codes)])
-            pos += len(codes)
-            bar.update(len(codes))
+        with actionable_oom(self.batch_size):
+            for codes, _ in engine.map(iterate_batches(loader, prefetch=prefetch)):
+                out[pos: pos + len(codes)] = codes
+                if on_batch is not None:
+                    on_batch(np.arange(pos, pos + len(codes)), out[pos: pos + len(codes)])
+                pos += len(codes)
+                bar.update(len(codes))
         bar.close()
         return out
 

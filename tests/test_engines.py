@@ -200,3 +200,28 @@ def test_tta_averages_the_codes_of_each_image_and_its_mirror(engine):
     np.testing.assert_allclose(both.transform(X), expected, rtol=0, atol=1e-5)
     assert both.computation_.engine == engine and both.computation_.tta
     assert both.computation_.key != plain.computation_.key
+
+
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_map_gives_each_batch_its_codes_in_order_with_its_tag(engine):
+    tf = tiny(engine=engine, precision="float32").fit()
+    runtime = Runtime.from_device("cpu", "float32")
+    run = engines.build_engine(tf.computation_, tf.backbone_, runtime)
+    images = torch.from_numpy(colour_images(11, size=32)).permute(0, 3, 1, 2)
+    batches = [(images[i: i + 3], f"batch {i}") for i in range(0, 11, 3)]  # more than streams
+    got = list(run.map(iter(batches)))
+    assert [tag for _, tag in got] == [tag for _, tag in batches]
+    for (codes, _), (x, _) in zip(got, batches, strict=True):
+        np.testing.assert_array_equal(codes, run(x))
+
+    def failing():  # a bad image mid-stream: its error, and the engine still serves
+        yield batches[0]
+        yield batches[1]
+        raise ValueError("image 7 is corrupt")
+
+    with pytest.raises(ValueError, match="image 7"):
+        list(run.map(failing()))
+    stream = run.map(iter(batches))
+    next(stream)
+    stream.close()  # left early: the requests in flight are waited for
+    np.testing.assert_array_equal(run(batches[2][0]), got[2][0])
