@@ -19,20 +19,18 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import check_scoring, log_loss
 from sklearn.model_selection import ParameterGrid, check_cv, cross_validate
 from sklearn.pipeline import Pipeline
 from sklearn.utils import _safe_indexing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted
 from skorch import NeuralNet
 
 from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.finetune import FineTunedClassifier
 
-__all__ = ["AUTO_STRATEGIES", "StrategySearchCV", "auto_strategies"]
+__all__ = ["AUTO_STRATEGIES", "StrategySearchCV", "auto_strategies", "plot_cv_results"]
 
 #: What ``strategies="auto"`` tries, cheapest first (see :func:`auto_strategies`).
 AUTO_STRATEGIES = ("codes", "codes_stages", "finetune_head", "finetune_last", "finetune_more")
@@ -104,13 +102,6 @@ def _best_has(name: str):
     return check
 
 
-def _neg_log_loss(estimator: Any, X: Any, y: np.ndarray) -> float:
-    """Minus the log loss of a test fold: the tie-break of equal scores."""
-    if not np.isin(y, estimator.classes_).all():
-        return np.nan  # a class the training fold lacked: this fold cannot break ties
-    return -log_loss(y, estimator.predict_proba(X), labels=estimator.classes_)
-
-
 def _probe_subset(y: np.ndarray, n: int) -> np.ndarray:
     """``n`` indices taking the classes in turn, so that every class is in the probe."""
     by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
@@ -125,16 +116,10 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     are cross-validated in turn, cheapest first: the codes strategies, whose
     heads share one extraction through a feature cache, then the fine-tunings
     (skorch nets), in the order given (``"auto"``: the fewer stages trained,
-    the earlier). The best mean score wins; equal scores (frequent with a few
-    hundred images, where a fold's accuracy moves in steps of one image) go
-    to the lower cross-validated log loss when every candidate has
-    ``predict_proba`` and ``y`` holds one label per image (it costs one more
-    prediction of each test fold), then to the one that ran first.
-
-    A fine-tuning (any skorch net) is estimated before it runs, from one
-    training epoch on a few batches (its measured images/s); when the time
-    spent so far plus the estimate would exceed ``time_budget``, it is
-    skipped and reported with its estimated cost.
+    the earlier). A fine-tuning (any skorch net) is estimated
+    before it runs, from one training epoch on a few batches (its measured
+    images/s); when the time spent so far plus the estimate would exceed
+    ``time_budget``, it is skipped and reported with its estimated cost.
 
     Parameters
     ----------
@@ -169,8 +154,7 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     cv_results_ : dict of arrays
         One row per candidate: ``strategy``, ``params``, ``status`` (``"done"``
         or ``"skipped"``), ``mean_test_score``, ``std_test_score``,
-        ``split{k}_test_score``, ``rank_test_score``,
-        ``mean_test_neg_log_loss`` (the tie-break; NaN where not computed), ``mean_fit_time``,
+        ``split{k}_test_score``, ``rank_test_score``, ``mean_fit_time``,
         ``mean_score_time``, ``total_seconds`` (its whole cross-validation,
         probe included), ``estimated_seconds`` (skorch nets; else NaN) and
         ``images_per_s`` (images a fit went through, every epoch counted, over
@@ -203,8 +187,8 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     ...                       LogisticRegression())
     >>> search = StrategySearchCV({"codes": (codes, {"logisticregression__C": [0.1, 10]})},
     ...                           cv=2).fit(X, y)
-    >>> search.best_strategy_, search.best_params_, search.best_score_  # tie: lower log loss
-    ('codes', {'logisticregression__C': 10}, 1.0)
+    >>> search.best_strategy_, search.best_params_, search.best_score_  # ties: the first
+    ('codes', {'logisticregression__C': 0.1}, 1.0)
     >>> search.cv_results_["status"].tolist()
     ['done', 'done']
     """
@@ -294,7 +278,8 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 raise ValueError(
                     f"time_budget={self.time_budget} s was spent before any candidate ran; "
                     "raise it (cv_results_ lists the estimated costs)")
-            self.best_index_ = int(np.argmin(self.cv_results_["rank_test_score"]))
+            scores = self.cv_results_["mean_test_score"][done]
+            self.best_index_ = int(done[np.argmax(scores)])  # ties: the cheaper one
             name, estimator, params = candidates[self.best_index_]
             self.best_strategy_ = name
             self.best_params_ = params
@@ -314,11 +299,6 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     def _run(self, candidates: list, X: Any, y: np.ndarray, cv: Any) -> list[dict]:
         started = time.perf_counter()
         n_train = len(y) * (self.n_splits_ - 1) / self.n_splits_
-        scoring: Any = self.scoring
-        if (type_of_target(y) in ("binary", "multiclass")
-                and all(hasattr(c[1], "predict_proba") for c in candidates)):
-            scoring = {"score": check_scoring(candidates[0][1], self.scoring),
-                       "neg_log_loss": _neg_log_loss}
         rows = []
         for name, estimator, params in candidates:
             candidate = clone(estimator).set_params(**params)
@@ -326,8 +306,7 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             budget = np.inf if self.time_budget is None else self.time_budget
             estimate = np.nan
             if _is_net(candidate) and t0 - started < budget:
-                passes = len(scoring) if isinstance(scoring, dict) else 1
-                estimate = self._estimate(candidate, X, y, n_train, passes)
+                estimate = self._estimate(candidate, X, y, n_train)
             spent = time.perf_counter() - started
             row = {"strategy": name, "params": params, "estimated_seconds": estimate}
             if spent >= budget or spent + np.nan_to_num(estimate) > budget:
@@ -339,10 +318,9 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 continue
             if not np.isnan(estimate):
                 self._say(f"{name} {params}: estimated {estimate:.0f} s, running")
-            result = cross_validate(candidate, X, y, cv=cv, scoring=scoring,
+            result = cross_validate(candidate, X, y, cv=cv, scoring=self.scoring,
                                     n_jobs=self.n_jobs, error_score="raise")
             row.update(status="done", test_scores=result["test_score"],
-                       neg_log_loss=np.mean(result.get("test_neg_log_loss", np.nan)),
                        fit_times=result["fit_time"], score_times=result["score_time"],
                        total_seconds=time.perf_counter() - t0)
             epochs = candidate.max_epochs if _is_net(candidate) else 1
@@ -352,13 +330,12 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                       f"{row['total_seconds']:.1f} s")
         return rows
 
-    def _estimate(self, net: Any, X: Any, y: np.ndarray, n_train: float,
-                  test_passes: int) -> float:
+    def _estimate(self, net: Any, X: Any, y: np.ndarray, n_train: float) -> float:
         """Seconds of ``net``'s cross-validation, from one epoch and one prediction on two batches.
 
         A fold costs: building the network, ``max_epochs`` times (training on
         what ``train_split`` leaves, evaluating the rest), then predicting the
-        test fold ``test_passes`` times; the probe itself is counted too.
+        test fold; the probe itself is counted too.
         """
         batch = net.batch_size if net.batch_size > 0 else 32
         idx = _probe_subset(y, min(len(y), 2 * batch))
@@ -376,7 +353,7 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         valid = split if isinstance(split, float) else 1 / split
         epoch = n_train * ((1 - valid) * per_train + valid * per_eval)
         n_test = len(y) / self.n_splits_
-        fold = overhead + net.max_epochs * epoch + test_passes * n_test * per_eval
+        fold = overhead + net.max_epochs * epoch + n_test * per_eval
         return (t2 - t0) + self.n_splits_ * fold
 
     def _say(self, text: str) -> None:
@@ -402,12 +379,8 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             results[f"split{j}_test_score"] = splits[:, j]
         results["mean_test_score"] = splits.mean(axis=1)
         results["std_test_score"] = splits.std(axis=1)
-        results["mean_test_neg_log_loss"] = np.array(
-            [r.get("neg_log_loss", np.nan) for r in rows], dtype=float)
-        # the best score first; equal ones: the lower log loss, then the earlier
-        order = np.lexsort((np.arange(n),
-                            -np.nan_to_num(results["mean_test_neg_log_loss"], nan=-np.inf),
-                            -np.nan_to_num(results["mean_test_score"], nan=-np.inf)))
+        order = np.argsort(-np.nan_to_num(results["mean_test_score"], nan=-np.inf),
+                           kind="stable")
         rank = np.empty(n, dtype=np.int32)
         rank[order] = np.arange(1, n + 1)
         results["rank_test_score"] = rank
@@ -421,6 +394,8 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     def plot(self, ax: Any = None) -> Any:
         """Score against cost, one colour per strategy; skipped ones at their estimate.
 
+        See :func:`plot_cv_results`.
+
         Parameters
         ----------
         ax : matplotlib Axes, optional
@@ -430,31 +405,8 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         matplotlib Axes
         """
         check_is_fitted(self, "cv_results_")
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(7, 4.5))
-        res = self.cv_results_
-        for i, name in enumerate(dict.fromkeys(res["strategy"])):
-            colour = f"C{i}"
-            rows = res["strategy"] == name
-            done = rows & (res["status"] == "done")
-            if done.any():
-                ax.errorbar(res["total_seconds"][done], res["mean_test_score"][done],
-                            yerr=res["std_test_score"][done], fmt="o", color=colour,
-                            label=name, capsize=3)
-            skipped = rows & (res["status"] == "skipped")
-            for j, seconds in enumerate(res["estimated_seconds"][skipped]):
-                if not np.isnan(seconds):
-                    ax.axvline(seconds, color=colour, linestyle=":",
-                               label=None if j else f"{name} (skipped, estimated)")
-        if self.time_budget is not None:
-            ax.axvline(self.time_budget, color="k", linestyle="--", label="time budget")
-        ax.set_xscale("log")
-        ax.set_xlabel("seconds of cross-validation (log)")
-        ax.set_ylabel(f"mean CV {self.scoring or 'accuracy'}")
-        ax.legend(fontsize="small")
-        return ax
+        return plot_cv_results(self.cv_results_, self.time_budget,
+                               self.scoring or "accuracy", ax)
 
     def predict(self, X: Any) -> np.ndarray:
         """Labels from ``best_estimator_``."""
@@ -471,4 +423,62 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "best_estimator_")
         if self.scoring is None:
             return self.best_estimator_.score(X, y)
+        from sklearn.metrics import check_scoring
+
         return check_scoring(self.best_estimator_, self.scoring)(self.best_estimator_, X, y)
+
+
+def plot_cv_results(cv_results: Mapping[str, Any], time_budget: float | None = None,
+                    scoring: str = "accuracy", ax: Any = None) -> Any:
+    """Plot a :class:`StrategySearchCV`'s ``cv_results_``: mean CV score against seconds.
+
+    One colour per strategy, in their order in ``cv_results`` (so the same
+    colours for ``strategies="auto"`` on any data); error bars are the
+    standard deviation over folds; a skipped strategy is a dotted line at its
+    estimated cost; the best-ranked candidate is starred; the legend sits
+    beside the axes, off the data.
+
+    Parameters
+    ----------
+    cv_results : mapping
+        ``cv_results_``, or the same columns read back from a file.
+    time_budget : float, optional
+        Drawn as a dashed line.
+    scoring : str, default="accuracy"
+        The score's name, for the axis label.
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib Axes
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8.5, 4.5))
+    res = {k: np.asarray(v, dtype=object if k in ("strategy", "status") else float)
+           for k, v in cv_results.items() if k != "params"}
+    for i, name in enumerate(dict.fromkeys(res["strategy"])):
+        colour = f"C{i}"
+        rows = res["strategy"] == name
+        done = rows & (res["status"] == "done")
+        if done.any():
+            ax.errorbar(res["total_seconds"][done], res["mean_test_score"][done],
+                        yerr=res["std_test_score"][done], fmt="o", color=colour,
+                        label=name, capsize=3)
+        skipped = rows & (res["status"] == "skipped")
+        for j, seconds in enumerate(res["estimated_seconds"][skipped]):
+            if not np.isnan(seconds):
+                ax.axvline(seconds, color=colour, linestyle=":",
+                           label=None if j else f"{name} (skipped, estimated)")
+    best = int(np.argmin(res["rank_test_score"]))
+    ax.plot(res["total_seconds"][best], res["mean_test_score"][best], marker="*",
+            markersize=16, linestyle="none", markerfacecolor="none", markeredgecolor="k",
+            label="chosen")
+    if time_budget is not None:
+        ax.axvline(time_budget, color="k", linestyle="--", label="time budget")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds of cross-validation (log)")
+    ax.set_ylabel(f"mean CV {scoring}")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    return ax
