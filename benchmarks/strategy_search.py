@@ -15,6 +15,7 @@ Run::
 
     python benchmarks/strategy_search.py --out benchmarks/results/strategy
     python benchmarks/strategy_search.py --datasets hymenoptera_data --budget 900
+    python benchmarks/strategy_search.py --out benchmarks/results/strategy --replot
 """
 
 from __future__ import annotations
@@ -42,11 +43,34 @@ def fmt_params(params: dict) -> str:
     return ", ".join(f"{k.split('__')[-1]}={v}" for k, v in params.items()) or "-"
 
 
-def run_one(d, budget: float, out: Path) -> dict:
+def plot(cv_results: dict, name: str, n_train: int, budget: float, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from sklearn_transfer.strategy import plot_cv_results
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    plot_cv_results(cv_results, budget, ax=ax)
+    ax.set_title(f"{name}: {n_train} train images, budget {budget:.0f} s")
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
+def replot(out: Path) -> None:
+    """Draw the plots of ``out/results.json`` again, with the budget of the command that ran."""
+    saved = json.loads((out / "results.json").read_text())
+    budget = parser().parse_args(shlex.split(saved["meta"]["command"])[2:]).budget
+    for r in saved["results"]:
+        columns = {k: [row[k] for row in r["rows"]] for k in (
+            "strategy", "status", "mean_test_score", "std_test_score", "rank_test_score",
+            "total_seconds", "estimated_seconds")}
+        plot(columns, r["dataset"], r["n_train"], budget, out)
+
+
+def run_one(d, budget: float, out: Path) -> dict:
     from sklearn.base import clone
 
     from sklearn_transfer import StrategySearchCV
@@ -86,12 +110,7 @@ def run_one(d, budget: float, out: Path) -> dict:
             "images_per_s": float(res["images_per_s"][i]),
             "val_accuracy_of_strategy": val_of.get(res["strategy"][i]),
         })
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    search.plot(ax)
-    ax.set_title(f"{d.name}: {len(d.y_train)} train images, budget {budget:.0f} s")
-    fig.tight_layout()
-    fig.savefig(out / f"{d.name}.png", dpi=110)
-    plt.close(fig)
+    plot(search.cv_results_, d.name, len(d.y_train), budget, out)
     return {"dataset": d.name, "n_train": len(d.y_train), "n_val": len(d.y_val),
             "best_strategy": search.best_strategy_, "best_params": fmt_params(search.best_params_),
             "best_cv_score": search.best_score_, "val_accuracy": val,
@@ -137,7 +156,7 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--datasets", nargs="+", help="names under DATA (default: all), "
@@ -146,8 +165,17 @@ def main() -> None:
                         help="time_budget of each search, seconds (default 300)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latest"
                                              / "strategy"))
-    args = parser.parse_args()
+    parser.add_argument("--replot", action="store_true",
+                        help="only draw the plots of OUT/results.json again")
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     out = Path(args.out)
+    if args.replot:
+        replot(out)
+        return
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in (args.datasets or []) if n != DIGITS]
     datasets = find_datasets(Path(args.data), False, names) if names or not args.datasets \

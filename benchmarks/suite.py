@@ -313,11 +313,25 @@ def write_report(results: list[Result], meta: dict[str, Any], out: Path) -> str:
     return table
 
 
+#: One colour per strategy in every plot; where a strategy means what one of
+#: ``StrategySearchCV(strategies="auto")`` does, its colour in ``StrategySearchCV.plot``
+#: (codes C0, finetune_head C2, finetune_last C3: ``finetune_partial``'s default depth).
+COLOURS = {"scratch_cnn": "C7", "codes_logreg": "C0", "codes_linearsvc": "C5",
+           "finetune_head": "C2", "finetune_partial": "C3"}
+
+
+def restored_epoch(curve: dict[str, list[float]]) -> int:
+    """The epoch whose weights the fit kept: the lowest ``valid_loss`` (1-based), as
+    ``EarlyStopping(monitor="valid_loss", load_best=True)`` restores."""
+    return int(np.argmin(curve["valid_loss"])) + 1
+
+
 def plot(results: list[Result], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     datasets = sorted({r.dataset for r in results})
     strategies = [s for s in STRATEGIES if any(r.strategy == s for r in results)]
@@ -326,25 +340,41 @@ def plot(results: list[Result], out: Path) -> None:
     for k, s in enumerate(strategies):
         acc = [next((r.accuracy for r in results if r.dataset == d and r.strategy == s),
                     np.nan) for d in datasets]
-        ax.bar(np.arange(len(datasets)) + k * width, acc, width, label=s)
+        ax.bar(np.arange(len(datasets)) + k * width, acc, width, label=s, color=COLOURS[s])
     ax.set_xticks(np.arange(len(datasets)) + 0.4 - width / 2, datasets, rotation=15)
     ax.set_ylabel("val accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=100)
     plt.close(fig)
 
     curves = [r for r in results if r.curve.get("valid_acc")]
     if curves:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in curves:
-            ax.plot(range(1, len(r.curve["valid_acc"]) + 1), r.curve["valid_acc"],
-                    marker="o", label=f"{r.dataset}: {r.strategy}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("internal validation accuracy")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        names = sorted({r.dataset for r in curves})
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1.8, 3.2),
+                                 sharey=True, squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            for r in (r for r in curves if r.dataset == name):
+                acc = r.curve["valid_acc"]
+                epochs = np.arange(1, len(acc) + 1)
+                ax.plot(epochs, acc, marker="o", color=COLOURS[r.strategy], label=r.strategy)
+                if r.curve.get("valid_loss"):
+                    best = restored_epoch(r.curve)
+                    ax.plot(best, acc[best - 1], marker="*", markersize=15, linestyle="none",
+                            markerfacecolor="none", markeredgecolor="k")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_ylabel("internal validation accuracy")
+        handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()
+                   if not h.get_label().startswith("_")}
+        handles["restored epoch"] = plt.Line2D([], [], marker="*", markersize=12,
+                                               linestyle="none", markerfacecolor="none",
+                                               markeredgecolor="k")
+        fig.legend(list(handles.values()), list(handles), fontsize=8, loc="center right")
+        fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
         fig.savefig(out / "learning_curves.png", dpi=100)
         plt.close(fig)
 
@@ -369,9 +399,10 @@ def plot(results: list[Result], out: Path) -> None:
     grids = [r for r in results if r.strategy == "finetune_partial" and r.grid]
     if grids:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for r in grids:
+        for r, marker in zip(grids, "osD^v", strict=False):  # finetune_partial's colour
             depths = [str(p["freeze_depth"]) for p in r.grid["params"]]
-            ax.plot(depths, r.grid["mean_cv_accuracy"], marker="o", label=r.dataset)
+            ax.plot(depths, r.grid["mean_cv_accuracy"], marker=marker, label=r.dataset,
+                    color=COLOURS["finetune_partial"])
         ax.set_xlabel("freeze_depth")
         ax.set_ylabel("mean CV accuracy on train")
         ax.legend(fontsize=8)
@@ -480,10 +511,20 @@ def _meta(command: str, start: float, notes: dict[str, str], done: bool) -> dict
     }
 
 
+def replot(folder: Path) -> None:
+    """Draw the plots of a written report again from its ``results.json``."""
+    rows = json.loads((folder / "results.json").read_text())["results"]
+    plot([Result(**row) for row in rows], folder)
+
+
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] != "run":
-        sys.exit("usage: python -m benchmarks run [--data DIR] [--quick] [...]; see --help")
-    run(sys.argv[2:])
+    if len(sys.argv) == 3 and sys.argv[1] == "plot":
+        replot(Path(sys.argv[2]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "run":
+        run(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m benchmarks run [--data DIR] [--quick] [...] (see --help), "
+                 "or python -m benchmarks plot RESULTS_FOLDER (redraws its plots)")
 
 
-__all__ = ["main", "output_folder", "run"]
+__all__ = ["main", "output_folder", "replot", "run"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -48,6 +49,12 @@ def test_suite_runs_every_strategy_and_writes_json_table_and_plots(tmp_path):
     assert all(r["accuracy"] == 1.0 for r in codes)
     assert "| toy (n=16/8) | codes_logreg |" in table
     assert (out / "results.md").read_text() == table
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert (out / "learning_curves.png").stat().st_size > 0
+    # the plots are redrawn from results.json alone, as README's committed ones were
+    for png in ("accuracy.png", "learning_curves.png"):
+        (out / png).unlink()
+    subprocess.run([sys.executable, "-m", "benchmarks", "plot", str(out)], cwd=REPO, check=True)
     assert (out / "accuracy.png").stat().st_size > 0
     assert (out / "learning_curves.png").stat().st_size > 0
 
