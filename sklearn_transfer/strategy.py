@@ -451,6 +451,21 @@ def plot_cv_results(cv_results: Mapping[str, Any], time_budget: float | None = N
     Returns
     -------
     matplotlib Axes
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from sklearn_transfer.strategy import plot_cv_results
+    >>> nan = float("nan")
+    >>> ax = plot_cv_results({
+    ...     "strategy": ["codes", "codes", "finetune_head"],
+    ...     "status": ["done", "done", "skipped"],
+    ...     "mean_test_score": [0.90, 0.95, nan], "std_test_score": [0.02, 0.01, nan],
+    ...     "rank_test_score": [2, 1, 3], "total_seconds": [6.0, 0.4, nan],
+    ...     "estimated_seconds": [nan, nan, 420.0]}, time_budget=300)
+    >>> [t.get_text() for t in ax.get_legend().get_texts()]
+    ['finetune_head (skipped, estimated)', 'chosen', 'time budget', 'codes']
     """
     import matplotlib.pyplot as plt
 
