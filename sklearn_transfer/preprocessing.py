@@ -110,7 +110,7 @@ class ResizeCenterCrop:
 
     torchvision's ``Resize`` (antialiased) then ``CenterCrop``, as timm's and
     torchvision's evaluation transforms do, run on a uint8 tensor: torch's
-    uint8 resampling kernels compute what Pillow's do (within 1 of 255 per
+    uint8 resampling kernels compute what Pillow's do (at most 2 of 255 apart per
     pixel) at a fraction of the cost. Filters that only Pillow has
     (``"lanczos"``, ``"box"``, ``"hamming"``) resample the PIL image.
 
