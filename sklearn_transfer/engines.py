@@ -230,9 +230,11 @@ class OpenVINOEngine:
 
 
 def _result(request: Any, tag: Any, idle: list) -> tuple[np.ndarray, Any]:
+    """Wait for ``request``, copy out its codes and hand it back to ``idle``."""
     request.wait()
-    codes = np.array(request.get_output_tensor(0).data, dtype=np.float32)  # the request's
-    idle.append(request)  # buffer is reused by its next batch: a copy
+    # a copy: the request's output buffer is overwritten by its next batch
+    codes = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+    idle.append(request)
     return codes, tag
 
 
