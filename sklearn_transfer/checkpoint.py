@@ -35,7 +35,6 @@ code.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import numbers
@@ -47,120 +46,26 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from skorch.callbacks import Callback, EarlyStopping, LRScheduler
 from skorch.history import History
-from torch import nn
 
-from sklearn_transfer.backbones import module_fingerprint
-from sklearn_transfer.cache import content_key
-from sklearn_transfer.files import atomic_save, load_weights_only
-from sklearn_transfer.images import as_image_source
+from sklearn_transfer.files import (
+    FormatError,
+    atomic_save,
+    check_format,
+    format_tag,
+    load_weights_only,
+)
+from sklearn_transfer.identity import digest, run_fingerprint
 from sklearn_transfer.runtime import capture_rng, restore_rng
 
-__all__ = ["TrainingCheckpoint", "describe_value", "run_fingerprint"]
+__all__ = ["TrainingCheckpoint"]
 
-FORMAT = "sklearn_transfer.fit-checkpoint/4"
 # parameters that change neither the computation nor its result
 _NOT_IN_FINGERPRINT = ("verbose", "checkpoint_dir", "callbacks__checkpoint__max_age_days")
 # a run's checkpoint, or (group 1) a temporary file of atomic_save writing one
 _OURS = re.compile(r"fit-[0-9a-f]{24}\.pt|(\.fit-[0-9a-f]{24}\.pt\.[a-z0-9_]+\.tmp)")
-
-
-def describe_value(value: Any, depth: int = 0) -> Any:
-    """A JSON-able description of a parameter value, stable across processes.
-
-    Memory addresses (default ``repr``) differ in every process and would
-    make a resumed run look like another one, so objects are described by
-    their class and attributes, modules by their weights.
-
-    Examples
-    --------
-    >>> from torch import nn
-    >>> from sklearn_transfer.checkpoint import describe_value
-    >>> describe_value({"lr": 0.1, "opt": nn.Linear})
-    {'lr': 0.1, 'opt': 'torch.nn.modules.linear.Linear'}
-    """
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, nn.Module):
-        return f"module:{module_fingerprint(value)}"
-    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    if isinstance(value, np.random.RandomState):
-        keys = value.get_state()[1]
-        return f"RandomState:{hashlib.sha256(keys.tobytes()).hexdigest()}:{value.get_state()[2]}"
-    if isinstance(value, np.ndarray):
-        arr = np.ascontiguousarray(value)
-        return f"ndarray:{arr.dtype}:{arr.shape}:{hashlib.sha256(arr.tobytes()).hexdigest()}"
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if depth > 4:
-        return type(value).__qualname__
-    if isinstance(value, (list, tuple)):
-        return [describe_value(v, depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {str(k): describe_value(v, depth + 1) for k, v in sorted(
-            value.items(), key=lambda kv: str(kv[0]))}
-    name = f"{type(value).__module__}.{type(value).__qualname__}"
-    if hasattr(value, "get_params"):
-        try:
-            return [name, describe_value(value.get_params(deep=False), depth + 1)]
-        except TypeError:
-            pass
-    if hasattr(value, "__dict__"):
-        public = {k: v for k, v in vars(value).items() if not k.startswith("_")}
-        return [name, describe_value(public, depth + 1)]
-    return name
-
-
-def _data_digest(X: Any, y: Any) -> str:
-    """SHA-256 of the training images and labels.
-
-    Files count by path, size and modification time (reading every file
-    would add an epoch's worth of I/O to each fit); in-memory images by content.
-    """
-    source = as_image_source(X)
-    h = hashlib.sha256()
-    for i in range(len(source)):
-        item = source.item(i) if source.kind == "items" else None
-        if isinstance(item, (str, os.PathLike)):
-            try:
-                st = os.stat(item)
-                stamp = f"{st.st_size}:{st.st_mtime_ns}"
-            except OSError:
-                stamp = "missing"  # the fit itself raises the error that names it
-            h.update(f"file:{os.fspath(item)}:{stamp}\0".encode())
-        else:
-            h.update(content_key(source, i))
-    h.update(json.dumps(np.asarray(y).astype(str).tolist()).encode())
-    return h.hexdigest()
-
-
-def run_fingerprint(estimator: Any, X: Any, y: Any) -> str:
-    """SHA-256 identifying a fit: the estimator's parameters and the data.
-
-    Parameters
-    ----------
-    estimator : BaseEstimator
-    X : images
-    y : array-like
-
-    Returns
-    -------
-    str
-        64 hex digits.
-    """
-    params = {k: v for k, v in estimator.get_params(deep=False).items()
-              if k not in _NOT_IN_FINGERPRINT}
-    description = json.dumps([type(estimator).__qualname__, describe_value(params)],
-                             sort_keys=True, default=str)
-    h = hashlib.sha256(description.encode())
-    h.update(_data_digest(X, y).encode())
-    return h.hexdigest()
 
 
 class TrainingCheckpoint(Callback):
@@ -226,7 +131,7 @@ class TrainingCheckpoint(Callback):
             ) from None
         if not os.access(directory, os.W_OK):
             raise ValueError(f"checkpoint_dir={os.fspath(self.directory)!r} is not writable")
-        self.fingerprint_ = run_fingerprint(net, X, y)
+        self.fingerprint_ = run_fingerprint(net, X, y, ignore=_NOT_IN_FINGERPRINT)
         self.path_ = directory / f"fit-{self.fingerprint_[:24]}.pt"
         self._state = None
         self._remove_abandoned(directory)
@@ -266,13 +171,15 @@ class TrainingCheckpoint(Callback):
         except ValueError as exc:  # cut short or overwritten: this run's file, unreadable
             warnings.warn(f"{exc}; training from the start", RuntimeWarning, stacklevel=4)
             return None
-        if not isinstance(outer, dict) or outer.get("format") != FORMAT:
-            warnings.warn(f"{name!r} is not a training checkpoint of this version ({FORMAT}); "
-                          "training from the start", RuntimeWarning, stacklevel=4)
+        try:
+            check_format("fit-checkpoint", outer.get("format") if isinstance(outer, dict) else None,
+                         name, "training from the start")
+        except FormatError as exc:
+            warnings.warn(str(exc), RuntimeWarning, stacklevel=4)
             return None
         payload = outer.get("payload")
         payload = payload.numpy().tobytes() if isinstance(payload, torch.Tensor) else None
-        if payload is None or hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
+        if payload is None or digest(payload) != outer.get("sha256"):
             # bytes changed on disk would resume into another model: never resume from it
             warnings.warn(f"the training checkpoint {name!r} fails its checksum (damaged); "
                           "training from the start", RuntimeWarning, stacklevel=4)
@@ -359,7 +266,7 @@ class TrainingCheckpoint(Callback):
         payload = buffer.getvalue()
         # the checksum covers every byte a resumed fit would read
         # as a uint8 tensor: stored verbatim (pickle protocol 2 would re-encode bytes as text)
-        atomic_save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+        atomic_save({"format": format_tag("fit-checkpoint"), "sha256": digest(payload),
                      "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
                     self.path_)
 
@@ -381,7 +288,7 @@ def _is_checkpoint(path: Path) -> bool:
                 head = fh.read(128)
     except Exception:  # unreadable, or not a zip: not a file to delete
         return False
-    return first.filename.endswith("/data.pkl") and FORMAT.split("/")[0].encode() in head
+    return first.filename.endswith("/data.pkl") and b"sklearn_transfer.fit-checkpoint/" in head
 
 
 def _completed(net: Any) -> bool:

@@ -16,7 +16,6 @@ uint8 images in, pooled codes out.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import json
 from collections.abc import Sequence
@@ -25,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from sklearn_transfer.backbones import Backbone, get_backbone, module_fingerprint
+from sklearn_transfer.backbones import Backbone, get_backbone
+from sklearn_transfer.identity import digest, fingerprint
 from sklearn_transfer.preprocessing import DataConfig, tta_views
 
 __all__ = ["CODES_VERSION", "POOLINGS", "CodesComputation", "CodesExtractor"]
@@ -154,7 +154,7 @@ class CodesComputation:
     data_config : DataConfig
         The preprocessing.
     fingerprint : str
-        :func:`~sklearn_transfer.backbones.module_fingerprint` of the network
+        :func:`~sklearn_transfer.identity.fingerprint` of the network
         (architecture and every weight and buffer) at ``fit``.
     packages : dict of str to str
         Versions of the packages whose classes make up the network.
@@ -191,7 +191,7 @@ class CodesComputation:
 
     def __post_init__(self) -> None:
         text = json.dumps(self.describe(), sort_keys=True)
-        object.__setattr__(self, "key", hashlib.sha256(text.encode()).hexdigest())
+        object.__setattr__(self, "key", digest(text))
 
     @classmethod
     def of(cls, network: Backbone, stages: Sequence[int], pooling: str = "avg",
@@ -228,7 +228,7 @@ class CodesComputation:
             stage_names=tuple(network.stage_names),
             widths=tuple(network.widths),
             data_config=network.data_config,
-            fingerprint=module_fingerprint(network),
+            fingerprint=fingerprint(network),
             packages=_defining_packages(network),
         )
 

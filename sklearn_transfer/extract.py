@@ -18,7 +18,7 @@ The directory
     * ``index`` (int64): the image's position in the input;
     * ``path`` (string): its absolute path, or its URL as given;
     * ``key`` (binary(32)): its content key,
-      :func:`~sklearn_transfer.cache.content_key` (the SHA-256 of its bytes;
+      :func:`~sklearn_transfer.identity.content_key` (the SHA-256 of its bytes;
       null when they could not be read);
     * ``label``: when ``labels`` were given;
     * ``codes`` (fixed_size_list<float32>[n_features]; null for a failed image);
@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import threading
@@ -97,12 +96,11 @@ import numpy as np
 import torch
 from sklearn.base import clone
 
-from sklearn_transfer.backbones import module_fingerprint
 from sklearn_transfer.batches import ImageDataset, LoadFailure, iterate_batches
-from sklearn_transfer.cache import bytes_key
 from sklearn_transfer.computation import CodesComputation
 from sklearn_transfer.features import CNNFeatureTransformer
-from sklearn_transfer.files import atomic_write
+from sklearn_transfer.files import atomic_write, check_format, format_tag
+from sklearn_transfer.identity import bytes_key, data_digest, fingerprint
 from sklearn_transfer.images import (
     IMG_EXTENSIONS,
     ImageLoadError,
@@ -117,7 +115,7 @@ __all__ = ["ExtractedCodes", "ExtractionSummary", "Failure", "extract_codes", "i
            "read_codes"]
 
 MANIFEST = "manifest.json"
-FORMAT = 2  # 2: failed images as rows with null codes and an error
+_AGAIN = "extract the codes again into another directory"
 #: a running job's temporary file lives for the seconds one write takes; older ones are debris
 STALE_TMP_S = 600
 
@@ -316,13 +314,13 @@ def extract_codes(
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
-        "format": FORMAT,
+        "format": format_tag("codes-dataset"),
         "computation": computation.key,
         "description": computation.describe(),
         "n_features": computation.n_features,
         "n_images": len(paths),
         "partition_size": int(partition_size),
-        "images_sha256": _digest(paths, labels),
+        "images_sha256": data_digest(paths, labels, files="path"),
         "labels": labels is not None,
     }
     _check_or_write_manifest(out, manifest)
@@ -432,15 +430,6 @@ def _list_url_folder(url: str) -> list[str]:
     return paths
 
 
-def _digest(paths: list[str], labels: np.ndarray | None) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.encode() + b"\0")
-    if labels is not None:
-        h.update(json.dumps(labels.tolist(), default=str).encode())
-    return h.hexdigest()
-
-
 def _part_name(index: int, key: str) -> str:
     return f"part-{index:05d}-{key[:16]}.parquet"
 
@@ -457,13 +446,6 @@ def _read_manifest(out: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{str(out)!r} holds no codes dataset (no {MANIFEST}); write "
                                 "one with sklearn_transfer.extract_codes") from None
-
-
-def _check_format(stored: dict, out: Path) -> None:
-    if stored.get("format") != FORMAT:
-        raise ValueError(f"{str(out)!r} holds a codes dataset of format {stored.get('format')}, "
-                         f"this version reads and writes format {FORMAT}; extract the codes "
-                         "again into another directory")
 
 
 def _check_computation(stored: dict, key: str, description: dict, out: Path) -> None:
@@ -483,7 +465,7 @@ def _check_or_write_manifest(out: Path, manifest: dict) -> None:
             Path(tmp).write_text(json.dumps(manifest, indent=1))
         return
     stored = _read_manifest(out)
-    _check_format(stored, out)
+    check_format("codes-dataset", stored.get("format"), out, _AGAIN)
     _check_computation(stored, manifest["computation"], manifest["description"], out)
     for field, what in [("n_images", "number of images"), ("partition_size", "partition_size"),
                         ("images_sha256", "image list or labels")]:
@@ -520,7 +502,7 @@ class _PartitionImages(ImageDataset):
             if isinstance(data, BaseException):
                 batch.append((LoadFailure(data), i, None))
                 continue
-            key = bytes_key(data)  # cache.content_key's, from the one read
+            key = bytes_key(data)  # identity.content_key's, from the one read
             try:
                 x = self.pixels(decode_image_bytes(data, item, index, self.draft_size))
                 batch.append((x, i, key))
@@ -650,7 +632,7 @@ def _on_worker(shipped: CNNFeatureTransformer, threads: dict[str, int]) -> CNNFe
         if computation.key not in _TRANSFORMERS:
             torch.set_num_threads(threads.get(get_worker().address, 1))
             network = computation.network().eval()
-            if module_fingerprint(network) != computation.fingerprint:
+            if fingerprint(network) != computation.fingerprint:
                 raise RuntimeError(
                     f"the worker {get_worker().address} builds another {computation.name} "
                     "network than the client (other weights or package versions "
@@ -741,7 +723,7 @@ def _open_dataset(out: str | os.PathLike, computation: Any) -> tuple[dict, list[
     """The manifest and the partition files, in order, checked complete and of one job."""
     out = Path(out).expanduser().resolve()
     manifest = _read_manifest(out)
-    _check_format(manifest, out)
+    check_format("codes-dataset", manifest.get("format"), out, _AGAIN)
     if computation is not None:
         if isinstance(computation, CNNFeatureTransformer):
             if not hasattr(computation, "computation_"):

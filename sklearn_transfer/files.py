@@ -1,15 +1,18 @@
-"""Reading and writing files safely: SHA-256 digests, weights-only loading, atomic writes.
+"""Files this library writes and reads back: format tags, weights-only loading, atomic writes.
 
-Every file this library trusts (pretrained weights, a user's state dict, a
-training checkpoint) is read here, with ``torch.load(weights_only=True)``,
-which refuses pickled Python objects (loading them can run arbitrary code);
-every file it writes for later resuming is written here, atomically.
+Every file or folder the library writes for later (the feature cache, a
+codes dataset, a training checkpoint, a saved model) says what it is with a
+format tag, ``"sklearn_transfer.<kind>/<version>"`` (:func:`format_tag`),
+checked when it is read back (:func:`check_format`). Every file it trusts
+(pretrained weights, a user's state dict, a training checkpoint) is read with
+``torch.load(weights_only=True)``, which refuses pickled Python objects
+(loading them can run arbitrary code); every file written for later
+resuming is written atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,25 +21,65 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write", "load_weights_only", "sha256_file"]
+__all__ = ["FORMATS", "FormatError", "atomic_save", "atomic_write", "check_format",
+           "format_tag", "load_weights_only"]
+
+#: The on-disk formats, by kind, with the version this release reads and writes. A version
+#: changes when what is written changes meaning; older versions are refused, never guessed.
+FORMATS = {
+    "feature-cache": 1,  # FeatureCache's SQLite database (its user_version)
+    "codes-dataset": 3,  # extract_codes' Parquet dataset
+    "fit-checkpoint": 5,  # TrainingCheckpoint's file
+    "persistence": 2,  # persistence.dump's zip file
+}
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks.
+class FormatError(ValueError):
+    """A file or folder is not of the format (kind and version) this release reads."""
+
+
+def format_tag(kind: str, version: int | None = None) -> str:
+    """``"sklearn_transfer.<kind>/<version>"``, by default the version this release writes.
 
     Examples
     --------
-    >>> import tempfile
-    >>> from sklearn_transfer.files import sha256_file
-    >>> with tempfile.NamedTemporaryFile() as fh:
-    ...     sha256_file(fh.name)[:12]
-    'e3b0c44298fc'
+    >>> from sklearn_transfer.files import format_tag
+    >>> format_tag("persistence")
+    'sklearn_transfer.persistence/2'
     """
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return f"sklearn_transfer.{kind}/{FORMATS[kind] if version is None else version}"
+
+
+def check_format(kind: str, found: Any, where: str | os.PathLike, advice: str) -> None:
+    """Raise :class:`FormatError` unless ``found`` is this release's tag of ``kind``.
+
+    Parameters
+    ----------
+    kind : str
+        A key of :data:`FORMATS`.
+    found : object
+        The tag read back (``None`` when there was none).
+    where : str or path-like
+        The file or folder, named in the message.
+    advice : str
+        What the user can do, ending the message.
+
+    Examples
+    --------
+    >>> from sklearn_transfer.files import check_format, format_tag
+    >>> check_format("persistence", format_tag("persistence"), "m.zip", "")
+    >>> try:
+    ...     check_format("persistence", None, "m.zip", "save it again")
+    ... except ValueError as exc:
+    ...     print(str(exc)[:40], "...", str(exc)[-30:])
+    'm.zip' has no format tag, which this ve ... does not read; save it again
+    """
+    expected = format_tag(kind)
+    if found == expected:
+        return
+    what = "no format tag" if found is None else f"format {found!r}"
+    raise FormatError(f"{os.fspath(where)!r} has {what}, which this version of sklearn_transfer "
+                      f"(format {expected!r}) does not read; {advice}")
 
 
 def load_weights_only(path: str | os.PathLike | BinaryIO, what: str = "checkpoint",

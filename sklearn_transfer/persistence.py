@@ -8,7 +8,10 @@ sources you trust. :func:`dump` writes one zip file holding
   encoder, class weights) through :mod:`skops.io`, whose loader only
   rebuilds the types it is told to trust;
 * ``weights.safetensors``: the network's tensors, in a format that holds
-  nothing but tensors.
+  nothing but tensors;
+* ``format.json``: the file's format tag (:func:`~sklearn_transfer.files.format_tag`),
+  the estimator's class and the SHA-256 of each member above, so that a member
+  changed or swapped for another model's is refused, not loaded.
 
 :func:`load` trusts the few types the estimators' parameters use (the
 optimizer, loss and DataLoader classes, the validation split) and refuses a
@@ -32,17 +35,19 @@ from torch import nn
 
 from sklearn_transfer.backbones import get_backbone
 from sklearn_transfer.features import CNNFeatureTransformer
+from sklearn_transfer.files import check_format, format_tag
 from sklearn_transfer.finetune import FineTunedClassifier
+from sklearn_transfer.identity import digest
 
 __all__ = ["TRUSTED_TYPES", "dump", "load"]
 
-FORMAT = "sklearn_transfer.persistence/1"
 _CLASSES = {"FineTunedClassifier": FineTunedClassifier,
             "CNNFeatureTransformer": CNNFeatureTransformer}
 # the fitted state a file holds besides the weights, per class
 _FITTED = {"FineTunedClassifier": ("label_encoder_", "class_weight_"),
            "CNNFeatureTransformer": ()}
 _SKELETON_KEYS = ("class", "backbone", "backbone_type", "params", "fitted")
+_MEMBERS = ("estimator.skops", "weights.safetensors")
 #: types the estimators' parameters hold, rebuilt by :func:`load` without asking
 TRUSTED_TYPES = [
     "sklearn_transfer.finetune.FineTuneModule",
@@ -105,7 +110,6 @@ def dump(estimator: FineTunedClassifier | CNNFeatureTransformer,
             params["memory"] = os.fspath(memory)
         module = estimator.backbone_
     skeleton = {
-        "format": FORMAT,
         "class": name,
         # a module's architecture is code: only its name travels, the caller supplies it
         "backbone": backbone if isinstance(backbone, str) else None,
@@ -116,10 +120,13 @@ def dump(estimator: FineTunedClassifier | CNNFeatureTransformer,
     from safetensors.torch import save
 
     weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    members = dict(zip(_MEMBERS, [sio.dumps(skeleton), save(weights)], strict=True))
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("estimator.skops", sio.dumps(skeleton))
-        zf.writestr("weights.safetensors", save(weights))
-        zf.writestr("format.json", json.dumps({"format": FORMAT, "class": name}))
+        for member, data in members.items():
+            zf.writestr(member, data)
+        zf.writestr("format.json", json.dumps({
+            "format": format_tag("persistence"), "class": name,
+            "sha256": {member: digest(data) for member, data in members.items()}}))
 
 
 def load(path: str | os.PathLike, backbone: nn.Module | None = None,
@@ -151,13 +158,7 @@ def load(path: str | os.PathLike, backbone: nn.Module | None = None,
         not know (or lacks some); the message names the file and the item.
     """
     name = os.fspath(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            data = zf.read("estimator.skops")
-            weight_bytes = zf.read("weights.safetensors")
-    except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:
-        raise ValueError(f"{name!r} is not a file written by sklearn_transfer.persistence.dump, "
-                         f"or it is damaged ({exc})") from None
+    data, weight_bytes = _read_members(path, name)
     allowed = set(TRUSTED_TYPES) | set(trusted or ())
     try:
         untrusted = sio.get_untrusted_types(data=data)
@@ -213,14 +214,36 @@ def load(path: str | os.PathLike, backbone: nn.Module | None = None,
     return estimator
 
 
+def _read_members(path: str | os.PathLike, name: str) -> list[bytes]:
+    """The members of a :func:`dump` file, each checked against the digest written with it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            meta = zf.read("format.json")
+            members = [zf.read(member) for member in _MEMBERS]
+    except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as exc:
+        raise ValueError(f"{name!r} is not a file written by sklearn_transfer.persistence.dump, "
+                         f"or it is damaged ({exc})") from None
+    try:
+        meta = json.loads(meta)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name!r}: its format.json member is damaged")
+    check_format("persistence", meta.get("format"), name,
+                 "save the estimator again with this version (persistence.dump)")
+    expected = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
+    for member, data in zip(_MEMBERS, members, strict=True):
+        if expected.get(member) != digest(data):
+            raise ValueError(f"{name!r}: its {member} member is not the one written with this "
+                             "file (changed, damaged or taken from another file); save the "
+                             "estimator again")
+    return members
+
+
 def _check_skeleton(skeleton: object, name: str) -> type:
     """The class of a file's estimator, once its description is complete and known."""
-    if not isinstance(skeleton, dict) or not isinstance(skeleton.get("format"), str) \
-            or not skeleton["format"].startswith(FORMAT.split("/")[0] + "/"):
+    if not isinstance(skeleton, dict):
         raise ValueError(f"{name!r} is not a file written by sklearn_transfer.persistence.dump")
-    if skeleton["format"] != FORMAT:
-        raise ValueError(f"{name!r} has format {skeleton['format']!r}, which this version of "
-                         f"sklearn_transfer (format {FORMAT!r}) does not read")
     missing = [key for key in _SKELETON_KEYS if key not in skeleton]
     if missing:
         raise ValueError(f"{name!r} is damaged: it lacks {missing}")

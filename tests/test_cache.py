@@ -41,7 +41,8 @@ from torch import nn
 
 from sklearn_transfer import Backbone, CNNFeatureTransformer, DataConfig, FeatureCache
 from sklearn_transfer.backbones import get_backbone
-from sklearn_transfer.cache import DB_NAME, image_keys
+from sklearn_transfer.cache import DB_NAME
+from sklearn_transfer.identity import image_keys
 
 HERE = Path(__file__).resolve()
 N_IMAGES = 20
@@ -286,7 +287,7 @@ def _sha(path: str) -> bytes:
 
 def test_unchanged_files_are_read_once_per_process_and_changes_always_seen(
         tmp_path, monkeypatch):
-    from sklearn_transfer import cache as images
+    from sklearn_transfer import identity as images
 
     monkeypatch.setattr(images, "_FILE_KEYS", {})
     monkeypatch.setattr(images, "_SETTLED_NS", 0)  # as if the files were old
@@ -318,7 +319,7 @@ def test_unchanged_files_are_read_once_per_process_and_changes_always_seen(
 
 def test_files_changed_too_recently_to_trust_their_times_are_not_remembered(
         tmp_path, monkeypatch):
-    from sklearn_transfer import cache as images
+    from sklearn_transfer import identity as images
 
     monkeypatch.setattr(images, "_FILE_KEYS", {})
     X, _ = write_images(tmp_path / "img", n=2)  # written just now: within _SETTLED_NS

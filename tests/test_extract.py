@@ -29,7 +29,7 @@ from sklearn_transfer import (
     iter_codes,
     read_codes,
 )
-from sklearn_transfer.cache import image_keys
+from sklearn_transfer.identity import image_keys
 from tests.conftest import REPO, colour_images, local_cluster, make_tiny_backbone
 
 N = 30  # images; with partition_size=8: partitions of 8, 8, 8 and 6
@@ -223,8 +223,8 @@ def test_another_computation_or_job_is_refused(pngs, tmp_path):
     (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
     for call in (lambda: read_codes(out), lambda: extract_codes(pngs, out, tiny(),
                                                                 partition_size=8)):
-        with pytest.raises(ValueError, match="a codes dataset of format 1, this version reads "
-                                             "and writes format 2"):
+        with pytest.raises(ValueError, match="has format 1, which this version of "
+                                             "sklearn_transfer .* does not read"):
             call()
 
 

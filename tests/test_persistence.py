@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import zipfile
 
@@ -12,6 +13,8 @@ import skops.io as sio
 import torch
 
 from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
+from sklearn_transfer.files import format_tag
+from sklearn_transfer.identity import digest
 from sklearn_transfer.persistence import dump, load
 
 from .conftest import colour_images, make_tiny_backbone
@@ -82,10 +85,14 @@ def test_a_file_holding_an_untrusted_type_is_refused(tmp_path):
     # a tampered file carrying some other object is refused before anything is built
     with zipfile.ZipFile(tmp_path / "clf.zip") as zf:
         weights = zf.read("weights.safetensors")
+    # (with the digests of its members, which anyone can compute)
+    evil = sio.dumps({"class": "x", "obj": argparse.Namespace(cmd="rm -rf ~")})
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as zf:
-        evil = {"format": "x", "obj": argparse.Namespace(cmd="rm -rf ~")}
-        zf.writestr("estimator.skops", sio.dumps(evil))
+        zf.writestr("estimator.skops", evil)
         zf.writestr("weights.safetensors", weights)
+        zf.writestr("format.json", json.dumps({
+            "format": format_tag("persistence"),
+            "sha256": {"estimator.skops": digest(evil), "weights.safetensors": digest(weights)}}))
     with pytest.raises(ValueError, match=r"not trusted: \[.argparse.Namespace.\]"):
         load(tmp_path / "evil.zip")
     (tmp_path / "plain.pkl").write_bytes(b"\x80\x04K\x01.")
@@ -96,11 +103,23 @@ def test_a_file_holding_an_untrusted_type_is_refused(tmp_path):
 # ------------------------------------------------------------------ damaged and foreign files
 
 
-def with_members(src, dst, replaced: dict) -> None:
-    """Copy the zip ``src`` to ``dst`` with the bytes of some members replaced."""
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for info in zin.infolist():
-            zout.writestr(info.filename, replaced.get(info.filename, zin.read(info)))
+def with_members(src, dst, replaced: dict, restamp: bool = True) -> None:
+    """Copy the zip ``src`` to ``dst`` with the bytes of some members replaced.
+
+    With ``restamp`` the digests in ``format.json`` are those of the new
+    members, as a deliberate edit would leave them: what ``load`` checks
+    beyond the digests is then what is tested.
+    """
+    with zipfile.ZipFile(src) as zin:
+        members = {info.filename: zin.read(info) for info in zin.infolist()}
+    members.update(replaced)
+    if restamp and "format.json" not in replaced:
+        meta = json.loads(members["format.json"])
+        meta["sha256"] = {m: digest(members[m]) for m in meta["sha256"]}
+        members["format.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(dst, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
 
 
 def with_skeleton(src, dst, edit) -> None:
@@ -132,9 +151,11 @@ def test_an_unknown_class_or_format_is_named(tmp_path, transformer_file):
     with pytest.raises(ValueError, match=r"bad.zip' holds a 'CNNCodes', a class this version .* "
                        r"\(it loads \['CNNFeatureTransformer', 'FineTunedClassifier'\]\)"):
         load(bad, backbone=make_tiny_backbone())
-    with_skeleton(transformer_file, bad,
-                  lambda s: s.update({"format": "sklearn_transfer.persistence/2"}))
-    with pytest.raises(ValueError, match=r"bad.zip' has format 'sklearn_transfer.persistence/2', "
+    with zipfile.ZipFile(transformer_file) as zf:
+        meta = json.loads(zf.read("format.json"))
+    with_members(transformer_file, bad, {"format.json": json.dumps(
+        {**meta, "format": "sklearn_transfer.persistence/1"})})
+    with pytest.raises(ValueError, match=r"bad.zip' has format 'sklearn_transfer.persistence/1', "
                        "which this version .* does not read"):
         load(bad, backbone=make_tiny_backbone())
     with_skeleton(transformer_file, bad, lambda s: s.pop("params"))
@@ -219,3 +240,39 @@ def test_load_creates_no_cache_directory_before_transform(tmp_path):
     loaded = load(tmp_path / "elsewhere.zip", backbone=make_tiny_backbone())
     with pytest.raises(PermissionError, match="plain/codes' is not writable"):
         loaded.transform(X)
+
+
+def test_a_member_changed_or_taken_from_another_model_is_refused(tmp_path, transformer_file):
+    """The members are tied together by the digests written with them (issue: tampering)."""
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(transformer_file) as zf:
+        weights = bytearray(zf.read("weights.safetensors"))
+    weights[-8:] = bytes(b ^ 0xFF for b in weights[-8:])  # a weight's bytes, CRC recomputed
+    with_members(transformer_file, bad, {"weights.safetensors": bytes(weights)}, restamp=False)
+    with pytest.raises(ValueError, match="bad.zip': its weights.safetensors member is not the one "
+                       "written with this file"):
+        load(bad, backbone=make_tiny_backbone())
+    # the weights of another model of the same architecture
+    other = tmp_path / "other.zip"
+    dump(CNNFeatureTransformer(make_tiny_backbone(seed=9), progress=False).fit(), other)
+    with zipfile.ZipFile(other) as zf:
+        foreign = zf.read("weights.safetensors")
+    with_members(transformer_file, bad, {"weights.safetensors": foreign}, restamp=False)
+    with pytest.raises(ValueError, match="its weights.safetensors member is not the one"):
+        load(bad, backbone=make_tiny_backbone())
+    # the format member removed, damaged, or naming an unknown version
+    with zipfile.ZipFile(transformer_file) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            if info.filename != "format.json":
+                zout.writestr(info.filename, zin.read(info))
+    with pytest.raises(ValueError, match="bad.zip' is not a file written by .*format.json"):
+        load(bad, backbone=make_tiny_backbone())
+    with_members(transformer_file, bad, {"format.json": b"{not json"})
+    with pytest.raises(ValueError, match="bad.zip': its format.json member is damaged"):
+        load(bad, backbone=make_tiny_backbone())
+    with zipfile.ZipFile(transformer_file) as zf:
+        meta = json.loads(zf.read("format.json"))
+    with_members(transformer_file, bad, {"format.json": json.dumps(
+        {**meta, "format": "sklearn_transfer.persistence/99"})})
+    with pytest.raises(ValueError, match="has format 'sklearn_transfer.persistence/99'"):
+        load(bad, backbone=make_tiny_backbone())
