@@ -122,7 +122,7 @@ def regular_file(path: str | os.PathLike, index: int) -> os.stat_result:
         kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else
                 "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
         raise ImageLoadError(
-            f"image file {os.fspath(path)!r} (index {index}) is {kind}, not a regular file; "
+            f"image file {str(os.fspath(path))!r} (index {index}) is {kind}, not a regular file; "
             "pass image files only", index, path)
     return st
 
@@ -254,7 +254,9 @@ def _url_error(exc: BaseException, url: str, index: int) -> Exception:
     if isinstance(exc, ImportError):  # the protocol's package: a set-up error, not this image's
         return ImportError(f"{where}: {exc}")
     if isinstance(exc, FileNotFoundError):
-        return FileNotFoundError(f"{where} does not exist")
+        missing = FileNotFoundError(f"{where} does not exist")
+        missing.index, missing.item = index, url  # as ImageLoadError's, for callers remapping
+        return missing
     if isinstance(exc, IsADirectoryError):
         return ImageLoadError(f"{where} is a directory, not an image", index, url)
     # network, auth, protocol errors of any library
@@ -483,14 +485,16 @@ class ImageSource:
 
 
 def _where(item: Any, index: int | None) -> str:
-    return f"image {'URL' if is_url(item) else 'file'} {os.fspath(item)!r} (index {index})"
+    return f"image {'URL' if is_url(item) else 'file'} {str(os.fspath(item))!r} (index {index})"
 
 
 def file_error(exc: BaseException, item: Any, index: int) -> Exception:
     """The error that tells the user what is wrong with image file ``item`` at ``index``."""
     where = _where(item, index)
     if isinstance(exc, FileNotFoundError):
-        return FileNotFoundError(f"{where} does not exist")
+        missing = FileNotFoundError(f"{where} does not exist")
+        missing.index, missing.item = index, item  # as ImageLoadError's, for callers remapping
+        return missing
     if isinstance(exc, IsADirectoryError):
         return ImageLoadError(f"{where} is a directory, not an image file", index, item)
     if isinstance(exc, PermissionError):

@@ -31,6 +31,7 @@ import zlib
 
 import skops.io as sio
 from safetensors import SafetensorError
+from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from sklearn_transfer.backbones import get_backbone
@@ -95,14 +96,15 @@ def dump(estimator: FineTunedClassifier | CNNFeatureTransformer,
     params = estimator.get_params(deep=False)
     backbone = params.pop("backbone")
     if isinstance(estimator, FineTunedClassifier):
-        estimator.check_is_fitted()
+        if not getattr(estimator, "initialized_", False):
+            raise NotFittedError(f"the {name} is not fitted: call fit() before dump")
         if params.get("callbacks"):
             raise ValueError("callbacks are code and cannot be saved without pickle; set "
                              "callbacks=None before dump (they only matter for training)")
         module = estimator.module_
     else:
         if not hasattr(estimator, "computation_"):
-            raise ValueError("the CNNFeatureTransformer is not fitted: call fit() before dump")
+            raise NotFittedError(f"the {name} is not fitted: call fit() before dump")
         memory = params.get("memory")
         if memory is not None and not isinstance(memory, (str, os.PathLike)):
             raise ValueError("memory must be None or a path to be saved; pass the cache's path")
@@ -197,7 +199,11 @@ def load(path: str | os.PathLike, backbone: nn.Module | None = None,
         if isinstance(estimator, FineTunedClassifier):
             for key, value in skeleton["fitted"].items():
                 setattr(estimator, key, value)
-            estimator.initialize()
+            try:
+                estimator.initialize()
+            except ValueError as exc:  # e.g. a freeze_depth beyond the network's stages
+                raise ValueError(f"{name!r} does not fit the backbone passed ({net!r}), which "
+                                 f"is not the architecture it was saved from: {exc}") from None
             _load_weights(estimator.module_, weights, name)
         else:
             # the network with the file's weights is what fit resolves the computation from;

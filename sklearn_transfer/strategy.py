@@ -11,6 +11,7 @@ skips the fine-tunings whose estimated cost would break a time budget.
 from __future__ import annotations
 
 import numbers
+import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -18,17 +19,20 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import ParameterGrid, check_cv, cross_validate
 from sklearn.pipeline import Pipeline
 from sklearn.utils import _safe_indexing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets, unique_labels
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 from skorch import NeuralNet
 
 from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.finetune import FineTunedClassifier
+from sklearn_transfer.images import ImageLoadError
 
 __all__ = ["AUTO_STRATEGIES", "StrategySearchCV", "auto_strategies", "plot_cv_results"]
 
@@ -97,9 +101,37 @@ def _is_net(estimator: Any) -> bool:
 def _best_has(name: str):
     """For ``available_if``: whether the best estimator has the method ``name``."""
     def check(search: StrategySearchCV) -> bool:
-        check_is_fitted(search, "best_estimator_")
+        search._check_refitted(name)
         return hasattr(search.best_estimator_, name)
     return check
+
+
+def _check_labels(y: Any, n_images: int) -> np.ndarray:
+    """``y`` as a 1-D array of class labels of one type, at least two classes, one per image."""
+    unique_labels(y)  # refuses a mix of strings and numbers, which an array would stringify
+    y = column_or_1d(y)
+    check_classification_targets(y)
+    if len(y) != n_images:
+        raise ValueError(f"X has {n_images} images but y has {len(y)} labels")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise ValueError(f"y holds a single class ({classes[0].item()!r}); the strategies are "
+                         "classifiers, which need at least two")
+    return y
+
+
+def _in_user_terms(exc: Exception, X: Any) -> Exception:
+    """An image error from inside a fold, naming the image's index in the user's ``X``."""
+    item, index = getattr(exc, "item", None), getattr(exc, "index", None)
+    if not isinstance(item, (str, os.PathLike)) or index is None:
+        return exc
+    matches = [i for i, x in enumerate(X) if isinstance(x, (str, os.PathLike))
+               and os.fspath(x) == os.fspath(item)]
+    if not matches:
+        return exc
+    text = str(exc).replace(f"(index {index})", f"(index {matches[0]} of X)")
+    return ImageLoadError(text, matches[0], item) if isinstance(exc, ImageLoadError) \
+        else type(exc)(text)
 
 
 def _probe_subset(y: np.ndarray, n: int) -> np.ndarray:
@@ -131,7 +163,7 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         As in ``GridSearchCV`` (an int: stratified folds, not shuffled).
     time_budget : float, optional
         Seconds the cross-validation may take (the final refit comes on
-        top). ``None``: run every candidate.
+        top). ``None`` (or ``inf``): run every candidate.
     memory : path-like or FeatureCache, optional
         The feature cache of the ``"auto"`` codes strategies; ``None`` uses a
         temporary one for the duration of ``fit``.
@@ -196,7 +228,7 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "strategies": [StrOptions({"auto"}), Mapping],
         "cv": ["cv_object"],
-        "time_budget": [Interval(numbers.Real, 0, None, closed="neither"), None],
+        "time_budget": [Interval(numbers.Real, 0, None, closed="right"), None],
         "memory": "no_validation",  # CNNFeatureTransformer checks it
         "scoring": [str, callable, None],
         "refit": ["boolean"],
@@ -263,15 +295,16 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self
         """
         self._validate_params()
-        y = np.asarray(y)
-        if len(y) != len(X):
-            raise ValueError(f"X has {len(X)} images but y has {len(y)} labels")
+        y = _check_labels(y, len(X))
         cv = check_cv(self.cv, y, classifier=True)
         self.n_splits_ = cv.get_n_splits(X, y)
         with tempfile.TemporaryDirectory(prefix="strategy-codes-") as tmp:
             memory = tmp if self.memory is None else self.memory
             candidates = self._candidates(memory)
-            rows = self._run(candidates, X, y, cv)
+            try:
+                rows = self._run(candidates, X, y, cv)
+            except (ImageLoadError, FileNotFoundError) as exc:
+                raise _in_user_terms(exc, X) from None
             self.cv_results_ = self._results(rows)
             done = np.flatnonzero(self.cv_results_["status"] == "done")
             if len(done) == 0:
@@ -408,9 +441,18 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         return plot_cv_results(self.cv_results_, self.time_budget,
                                self.scoring or "accuracy", ax)
 
+    def _check_refitted(self, method: str) -> None:
+        # scikit-learn's searches name refit=False rather than saying "call fit"
+        if not self.refit and hasattr(self, "cv_results_"):
+            raise NotFittedError(
+                f"This {type(self).__name__} instance was initialized with refit=False: "
+                f"{method} is available only after refitting on the best strategy; fit "
+                "again with refit=True, or fit best_strategy_ with best_params_ yourself")
+        check_is_fitted(self, "best_estimator_")
+
     def predict(self, X: Any) -> np.ndarray:
         """Labels from ``best_estimator_``."""
-        check_is_fitted(self, "best_estimator_")
+        self._check_refitted("predict")
         return self.best_estimator_.predict(X)
 
     @available_if(_best_has("predict_proba"))
@@ -420,7 +462,7 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
 
     def score(self, X: Any, y: Any) -> float:
         """``scoring`` (default: accuracy) of ``best_estimator_`` on ``X, y``."""
-        check_is_fitted(self, "best_estimator_")
+        self._check_refitted("score")
         if self.scoring is None:
             return self.best_estimator_.score(X, y)
         from sklearn.metrics import check_scoring

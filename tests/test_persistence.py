@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import skops.io as sio
 import torch
+from sklearn.exceptions import NotFittedError
 
-from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
+from sklearn_transfer import Backbone, CNNFeatureTransformer, DataConfig, FineTunedClassifier
 from sklearn_transfer.files import format_tag
 from sklearn_transfer.identity import digest
 from sklearn_transfer.persistence import dump, load
@@ -276,3 +277,19 @@ def test_a_member_changed_or_taken_from_another_model_is_refused(tmp_path, trans
         {**meta, "format": "sklearn_transfer.persistence/99"})})
     with pytest.raises(ValueError, match="has format 'sklearn_transfer.persistence/99'"):
         load(bad, backbone=make_tiny_backbone())
+
+
+def test_an_unfitted_estimator_or_another_architecture_is_named(tmp_path, classifier_file):
+    for estimator in (FineTunedClassifier(make_tiny_backbone()),
+                      CNNFeatureTransformer(make_tiny_backbone())):
+        with pytest.raises(NotFittedError, match=f"the {type(estimator).__name__} is not "
+                           r"fitted: call fit\(\) before dump"):
+            dump(estimator, tmp_path / "unfitted.zip")
+    other = Backbone([("a", torch.nn.Conv2d(3, 4, 3))], DataConfig(input_size=32))
+    with pytest.raises(ValueError, match="clf.zip' do not fit the backbone"):
+        load(classifier_file, backbone=other)
+    dump(fitted_classifier(freeze_depth=2, max_epochs=1), tmp_path / "deep.zip")
+    with pytest.raises(ValueError, match=r"deep.zip' does not fit the backbone passed "
+                       r"\(Backbone\(name='custom', stages=\['a'\]\)\), which is not the "
+                       "architecture it was saved from: freeze_depth=2"):
+        load(tmp_path / "deep.zip", backbone=other)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import make_pipeline
@@ -130,3 +131,46 @@ def test_bad_strategies_are_named():
         StrategySearchCV(time_budget=0).fit(X, y)
     with pytest.raises(ValueError, match="no strategy"):
         StrategySearchCV({}).fit(X, y)
+
+
+def _codes_search(**params) -> StrategySearchCV:
+    codes = make_pipeline(CNNFeatureTransformer(five_stages(), engine="torch", progress=False),
+                          LogisticRegression())
+    return StrategySearchCV({"codes": codes}, cv=2, **params)
+
+
+def test_labels_are_checked_before_any_work(images):
+    X, y = images
+    mixed = [0 if label == "red" else "green" for label in y]
+    with pytest.raises(ValueError, match="Mix of label input types"):
+        _codes_search().fit(X, mixed)
+    with pytest.raises(ValueError, match=r"y holds a single class \('red'\)"):
+        _codes_search().fit(X, ["red"] * len(X))
+    with pytest.raises(ValueError, match="X has 24 images but y has 23 labels"):
+        _codes_search().fit(X, y[:-1])
+
+
+def test_a_bad_image_is_named_by_its_index_in_the_users_X(images, tmp_path):
+    X, y = images
+    X = list(X)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    X[6] = str(tmp_path / "broken.png")
+    with pytest.raises(ValueError, match=r"broken.png' \(index 6 of X\)"):
+        _codes_search().fit(X, y)
+    X[7] = str(tmp_path / "missing.png")
+    X[6] = X[5]
+    with pytest.raises(FileNotFoundError, match=r"missing.png' \(index 7 of X\) does not exist"):
+        _codes_search().fit(X, y)
+
+
+def test_refit_false_and_an_endless_budget_say_what_they_mean(images):
+    X, y = images
+    search = _codes_search(refit=False, time_budget=float("inf")).fit(X, y)
+    assert search.best_strategy_ == "codes" and not hasattr(search, "best_estimator_")
+    with pytest.raises(NotFittedError, match="initialized with refit=False"):
+        search.predict(X)
+    with pytest.raises(AttributeError) as err:  # as scikit-learn's searches: the cause says why
+        search.predict_proba(X)
+    assert "initialized with refit=False" in str(err.value.__cause__)
+    with pytest.raises(NotFittedError, match="initialized with refit=False"):
+        search.score(X, y)
