@@ -34,8 +34,8 @@ from PIL import Image
 
 from sklearn_transfer import CNNFeatureTransformer, load_image_folder
 from sklearn_transfer.computation import CodesExtractor
-from sklearn_transfer.engines import available_engines, build_engine
-from sklearn_transfer.runtime import Runtime, native_precision
+from sklearn_transfer.engines import available_engines, engine_for
+from sklearn_transfer.runtime import native_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,8 +123,7 @@ def main() -> None:
     for engine in available_engines():
         for precision in precisions:
             computation = dataclasses.replace(tf.computation_, engine=engine, precision=precision)
-            alone[f"{engine} {precision}"] = build_engine(
-                computation, copy.deepcopy(net), Runtime.from_device("cpu", precision))
+            alone[f"{engine} {precision}"] = engine_for(computation, "cpu", copy.deepcopy(net))
 
     def network_alone(engine):
         def run():  # as the transformer runs it: engine.map over the batches

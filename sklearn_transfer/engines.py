@@ -7,24 +7,27 @@ An engine turns a batch of uint8 images ``(n, 3, H, W)`` into the codes of a
 
 * ``"torch"``: the network in eager mode (channels-last, autocast to the
   computation's precision). Runs on every device.
-* ``"openvino"``: the same module converted once by OpenVINO and compiled
-  for the CPU, where it runs faster than torch eager, in float32 and in
-  bfloat16 on CPUs that have it (README's throughput table). Conversion takes seconds:
-  its result is kept for the process and, given a directory (the feature
-  cache's), on disk for later processes. It is compiled for throughput: one
-  stream per core, each running a batch on its own, so that ``map`` keeps a
-  batch per stream in flight and a core busy decoding images holds up one
+* ``"openvino"``: the same module converted by OpenVINO and compiled for the
+  CPU, in float32, or in bfloat16 on CPUs that have it. Conversion takes
+  seconds; given a directory (the feature cache's), the converted network is
+  kept there with the SHA-256 of its files, checked when a later process
+  reads it. It is compiled for throughput: one stream per core, each running
+  a batch on its own (OpenVINO's ``AsyncInferQueue``), so that ``map`` keeps
+  a batch per stream in flight and a core busy decoding images holds up one
   batch, not every layer of all of them.
 
 :func:`resolve_engine` decides what ``engine="auto"`` means;
-:func:`build_engine` builds one.
+:func:`engine_for` gives the engine of a computation on a device, built once
+per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -41,10 +44,12 @@ import torch
 from torch import nn
 
 from sklearn_transfer.computation import CodesComputation
+from sklearn_transfer.files import FormatError, check_format, format_tag
+from sklearn_transfer.identity import fingerprint, sha256_file
 from sklearn_transfer.runtime import Runtime, usable_cores
 
-__all__ = ["ENGINES", "EngineUnavailableError", "TorchEngine", "OpenVINOEngine",
-           "available_engines", "build_engine", "resolve_engine"]
+__all__ = ["ENGINES", "EngineUnavailableError", "OpenVINOEngine", "TorchEngine",
+           "available_engines", "engine_for", "resolve_engine"]
 
 ENGINES = ("auto", "torch", "openvino")
 #: OpenVINO's inference precisions, by torch's names (float16 needs AVX512-FP16/AMX-FP16 CPUs)
@@ -99,6 +104,9 @@ def resolve_engine(engine: str, runtime: Runtime) -> str:
     return engine
 
 
+# ----------------------------------------------------------------------- the engines
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """Inference-mode activations (BatchNorm's running statistics), then the modes as they were.
@@ -145,12 +153,6 @@ class TorchEngine:
             yield self(images), tag
 
 
-#: (converted model, compiled model) of this process, by computation key and threads
-_COMPILED: OrderedDict[tuple[str, int], tuple[Any, Any]] = OrderedDict()
-_KEEP = 4
-_COMPILING = threading.Lock()
-
-
 class OpenVINOEngine:
     """The computation converted by OpenVINO and compiled for the CPU.
 
@@ -158,8 +160,8 @@ class OpenVINOEngine:
     ----------
     computation : CodesComputation
     network : Backbone
-        Converted (traced once on a small example batch) unless this process
-        or ``directory`` already holds the converted form.
+        Converted (traced once on a small example batch) unless ``directory``
+        holds the converted form already.
     directory : path-like, optional
         Where converted networks are kept between processes
         (``<directory>/engines/openvino-<key>/``); the feature cache's directory.
@@ -172,36 +174,29 @@ class OpenVINOEngine:
 
     def __init__(self, computation: CodesComputation, network: nn.Module,
                  directory: str | os.PathLike | None = None) -> None:
+        ov = _import_openvino()
+        model = _read_converted(ov, computation, directory)
+        if model is None:
+            model = _convert(ov, computation, network)
         # torch.set_num_threads is the one knob for both engines: a Dask worker sharing the
         # cores with others lowers it, and OpenVINO would otherwise take every core
-        slot = (computation.key, torch.get_num_threads())
-        with _COMPILING:  # torch's tracer is not thread-safe, and one conversion is enough
-            if slot not in _COMPILED:
-                ov = _import_openvino()
-                # converted already for another thread count: only compile again
-                model = next((held[0] for (key, _), held in _COMPILED.items()
-                              if key == computation.key), None)
-                if model is None:
-                    model = _read_converted(ov, computation, directory)
-                if model is None:
-                    model = _convert(ov, computation, network)
-                compiled = ov.Core().compile_model(model, "CPU", {
-                    "INFERENCE_PRECISION_HINT": _OV_PRECISION[computation.precision],
-                    "PERFORMANCE_HINT": "THROUGHPUT",  # streams: a batch per core (see map)
-                    "INFERENCE_NUM_THREADS": slot[1],
-                    # pinned threads of processes sharing the cores (Dask workers) would all
-                    # land on the first ones (Intel KB 000058227): pin only when given them all
-                    "ENABLE_CPU_PINNING": slot[1] >= usable_cores(),
-                })
-                _COMPILED[slot] = (model, compiled)
-                while len(_COMPILED) > _KEEP:
-                    _COMPILED.popitem(last=False)
-            _COMPILED.move_to_end(slot)
-            model, compiled = _COMPILED[slot]
-        if directory is not None and not _converted_dir(computation, directory).is_dir():
-            _keep_converted(_import_openvino(), model, computation, directory)
-        self.compiled = compiled
-        self.streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        threads = torch.get_num_threads()
+        self.compiled = _core(ov).compile_model(model, "CPU", {
+            "INFERENCE_PRECISION_HINT": _OV_PRECISION[computation.precision],
+            "PERFORMANCE_HINT": "THROUGHPUT",  # streams: a batch per core (see map)
+            "INFERENCE_NUM_THREADS": threads,
+            # pinned threads of processes sharing the cores (Dask workers) would all
+            # land on the first ones (Intel KB 000058227): pin only when given them all
+            "ENABLE_CPU_PINNING": threads >= usable_cores(),
+        })
+        self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.model, self.computation, self._ov = model, computation, ov
+        self.keep(directory)
+
+    def keep(self, directory: str | os.PathLike | None) -> None:
+        """Keep the converted network in ``directory`` for later processes, unless it is there."""
+        if directory is not None and not _converted_dir(self.computation, directory).is_dir():
+            _keep_converted(self._ov, self.model, self.computation, directory)
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         ((codes, _),) = self.map([(images, None)])
@@ -210,32 +205,109 @@ class OpenVINOEngine:
     def map(self, batches: Iterable[tuple[torch.Tensor, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
         """``(codes, tag)`` of each ``(images, tag)`` batch, in order, one batch per stream
         in flight while the next ones are read."""
-        # requests of this call only (microseconds each): threads sharing the engine never
-        # share one
-        idle = [self.compiled.create_infer_request() for _ in range(self.streams)]
-        running: deque = deque()
+        # a queue of this call only (its requests cost microseconds): threads sharing the
+        # engine never share a request, and a failed request does not outlive the call
+        queue = self._ov.AsyncInferQueue(self.compiled, self.streams)
+        done: dict[int, np.ndarray] = {}
+        # a copy: the request's output buffer is overwritten by its next batch
+        queue.set_callback(lambda request, i: done.__setitem__(
+            i, np.array(request.get_output_tensor(0).data, dtype=np.float32)))
+        waiting: deque = deque()
         try:
-            for images, tag in batches:
-                if not idle:
-                    yield _result(*running.popleft(), idle)
-                request = idle.pop()
-                request.start_async([images.numpy()])  # copied in: the batch may go
-                running.append((request, tag))
-            while running:
-                yield _result(*running.popleft(), idle)
+            for i, (images, tag) in enumerate(batches):
+                queue.start_async([images.numpy()], userdata=i)  # waits for an idle request
+                waiting.append((i, tag))
+                while waiting and waiting[0][0] in done:
+                    j, first = waiting.popleft()
+                    yield done.pop(j), first
+            queue.wait_all()
+            while waiting:
+                j, tag = waiting.popleft()
+                yield done.pop(j), tag
         finally:  # left early (an error, a break): no request may outlive the call
-            for request, _ in running:
-                with contextlib.suppress(RuntimeError):  # the error in flight is the one to see
-                    request.wait()
+            with contextlib.suppress(RuntimeError):  # the error in flight is the one to see
+                queue.wait_all()
+            # freed now, while the compiled network lives: an error's traceback keeps this
+            # frame, whose locals would otherwise be freed in an order that may free the
+            # network (this engine, evicted from the memo) before its requests
+            del queue
 
 
-def _result(request: Any, tag: Any, idle: list) -> tuple[np.ndarray, Any]:
-    """Wait for ``request``, copy out its codes and hand it back to ``idle``."""
-    request.wait()
-    # a copy: the request's output buffer is overwritten by its next batch
-    codes = np.array(request.get_output_tensor(0).data, dtype=np.float32)
-    idle.append(request)
-    return codes, tag
+# --------------------------------------------------------------------- one per process
+
+#: engines of this process, by computation key, device and threads; a few at most, as each
+#: holds a network (a grid search over stages uses one per stage choice)
+_ENGINES: OrderedDict[tuple[str, str, int], TorchEngine | OpenVINOEngine] = OrderedDict()
+_KEEP = 4
+# torch's tracer is not thread-safe, and one conversion per computation is enough
+_BUILDING = threading.Lock()
+
+
+def engine_for(computation: CodesComputation, device: str | torch.device = "auto",
+               network: nn.Module | None = None,
+               directory: str | os.PathLike | None = None) -> TorchEngine | OpenVINOEngine:
+    """The engine ``computation.engine`` names, on ``device``, built once per process.
+
+    Parameters
+    ----------
+    computation : CodesComputation
+    device : str or torch.device, default="auto"
+    network : Backbone, optional
+        The network to run. Default: built from the computation
+        (:meth:`~sklearn_transfer.computation.CodesComputation.network`) and
+        checked against its fingerprint (a worker whose packages build another
+        network is refused).
+    directory : path-like, optional
+        Where OpenVINO keeps converted networks between processes.
+
+    Raises
+    ------
+    EngineUnavailableError
+        When OpenVINO is missing or cannot convert the network.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_transfer import Backbone, DataConfig
+    >>> from sklearn_transfer.computation import CodesComputation
+    >>> from sklearn_transfer.engines import engine_for
+    >>> net = Backbone([("conv", nn.Conv2d(3, 8, 3))], DataConfig(input_size=32))
+    >>> c = CodesComputation.of(net, stages=[0], engine="torch")
+    >>> engine = engine_for(c, "cpu", net)
+    >>> engine(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
+    (2, 8)
+    """
+    runtime = Runtime.from_device(device, computation.precision)
+    slot = (computation.key, str(runtime.device), torch.get_num_threads())
+    with _BUILDING:
+        if slot not in _ENGINES:
+            if network is None:
+                network = _built(computation)
+            _ENGINES[slot] = (OpenVINOEngine(computation, network, directory)
+                              if computation.engine == "openvino"
+                              else TorchEngine(computation, network, runtime))
+            while len(_ENGINES) > _KEEP:
+                _ENGINES.popitem(last=False)
+        _ENGINES.move_to_end(slot)
+        engine = _ENGINES[slot]
+        if isinstance(engine, OpenVINOEngine):  # built for a caller without a directory
+            engine.keep(directory)
+        return engine
+
+
+def _built(computation: CodesComputation) -> nn.Module:
+    """The computation's network built here, refused unless it is the one fingerprinted."""
+    network = computation.network().eval()
+    if isinstance(computation.backbone, str) and fingerprint(network) != computation.fingerprint:
+        raise RuntimeError(
+            f"this process builds another {computation.name} network than the one the codes "
+            "were defined with (other weights or package versions installed here); install "
+            "the same versions everywhere")
+    return network
+
+
+# ------------------------------------------------------------------- OpenVINO's files
 
 
 def _import_openvino() -> Any:
@@ -255,6 +327,13 @@ def _import_openvino() -> Any:
     return openvino
 
 
+@functools.cache
+def _core(ov: Any) -> Any:
+    """The process's one OpenVINO ``Core``: a compiled network freed after the Core that
+    made it can crash OpenVINO's CPU plugin later (as in ultralytics/ultralytics#25864)."""
+    return ov.Core()
+
+
 def _convert(ov: Any, computation: CodesComputation, network: nn.Module) -> Any:
     """The extractor as an OpenVINO model, checked against torch on an example batch."""
     size = computation.data_config.input_size
@@ -270,7 +349,7 @@ def _convert(ov: Any, computation: CodesComputation, network: nn.Module) -> Any:
             warnings.simplefilter("ignore", DeprecationWarning)
             model = ov.convert_model(module, example_input=example, input=[(-1, 3, size, size)])
             expected = module(example).float().numpy()
-        got = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+        got = _core(ov).compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
             example.numpy())[0]
     except Exception as exc:  # its converter raises many types: say which network failed
         message = " ".join(str(exc).split())[:300]
@@ -285,71 +364,52 @@ def _convert(ov: Any, computation: CodesComputation, network: nn.Module) -> Any:
     return model
 
 
+_FILES = ("network.xml", "network.bin")
+
+
 def _converted_dir(computation: CodesComputation, directory: str | os.PathLike) -> Path:
     return Path(directory).expanduser() / "engines" / f"openvino-{computation.key}"
 
 
 def _read_converted(ov: Any, computation: CodesComputation,
                     directory: str | os.PathLike | None) -> Any:
+    """The converted network kept in ``directory``, if it is there whole and unchanged."""
     if directory is None:
         return None
-    xml = _converted_dir(computation, directory) / "network.xml"
-    if not xml.is_file():
+    folder = _converted_dir(computation, directory)
+    if not folder.is_dir():
         return None
     try:
-        return ov.Core().read_model(xml)
-    except Exception as exc:  # damaged: convert again
+        meta = json.loads((folder / "network.json").read_text())
+        check_format("converted-network", meta.get("format"), folder, "converting it again")
+        for name in _FILES:
+            if sha256_file(folder / name) != meta["sha256"][name]:
+                raise FormatError(f"{str(folder / name)!r} is not the file converted (its "
+                                  "SHA-256 differs: damaged or edited)")
+        return _core(ov).read_model(folder / "network.xml")
+    except Exception as exc:  # damaged, cut short, edited: convert again, never trust it
         reason = " ".join(str(exc).split())[-200:]
-        warnings.warn(f"the converted network {str(xml)!r} cannot be read (…{reason}); "
-                      "converting it again", RuntimeWarning, stacklevel=4)
-        shutil.rmtree(xml.parent, ignore_errors=True)
+        warnings.warn(f"the converted network in {str(folder)!r} cannot be used (…{reason}); "
+                      "converting it again", RuntimeWarning, stacklevel=5)
+        shutil.rmtree(folder, ignore_errors=True)
         return None
 
 
 def _keep_converted(ov: Any, model: Any, computation: CodesComputation,
                     directory: str | os.PathLike) -> None:
-    """Save the converted network; renaming its folder into place makes it appear whole."""
+    """Save the converted network and its digests; renaming its folder makes it appear whole."""
     final = _converted_dir(computation, directory)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
         ov.save_model(model, tmp / "network.xml", compress_to_fp16=False)
+        (tmp / "network.json").write_text(json.dumps({
+            "format": format_tag("converted-network"),
+            "sha256": {name: sha256_file(tmp / name) for name in _FILES}}))
         try:
             tmp.rename(final)
         except OSError:  # another process kept it first
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:  # a full or read-only disk costs a conversion next time, no more
         warnings.warn(f"could not keep the converted network in {str(final.parent)!r} ({exc})",
-                      RuntimeWarning, stacklevel=4)
-
-
-def build_engine(computation: CodesComputation, network: nn.Module, runtime: Runtime,
-                 directory: str | os.PathLike | None = None) -> TorchEngine | OpenVINOEngine:
-    """The engine ``computation.engine`` names, running ``network``.
-
-    Parameters
-    ----------
-    computation : CodesComputation
-    network : Backbone
-    runtime : Runtime
-        Device of the torch engine.
-    directory : path-like, optional
-        Where OpenVINO keeps converted networks between processes.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from torch import nn
-    >>> from sklearn_transfer import Backbone, DataConfig
-    >>> from sklearn_transfer.computation import CodesComputation
-    >>> from sklearn_transfer.engines import build_engine
-    >>> from sklearn_transfer.runtime import Runtime
-    >>> net = Backbone([("conv", nn.Conv2d(3, 8, 3))], DataConfig(input_size=32))
-    >>> c = CodesComputation.of(net, stages=[0], engine="torch")
-    >>> engine = build_engine(c, net, Runtime.from_device("cpu", "float32"))
-    >>> engine(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
-    (2, 8)
-    """
-    if computation.engine == "openvino":
-        return OpenVINOEngine(computation, network, directory)
-    return TorchEngine(computation, network, runtime)
+                      RuntimeWarning, stacklevel=5)

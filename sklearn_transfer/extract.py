@@ -80,10 +80,8 @@ never the whole input), whatever the number of images.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
-import threading
 import time
 import warnings
 from collections import Counter
@@ -96,11 +94,14 @@ import numpy as np
 import torch
 from sklearn.base import clone
 
-from sklearn_transfer.batches import ImageDataset, LoadFailure, iterate_batches
+from sklearn_transfer.batches import ImageDataset, LoadFailure
+from sklearn_transfer.cache import as_feature_cache
+from sklearn_transfer.codes import image_batches, progress_bar, run_engine
 from sklearn_transfer.computation import CodesComputation
+from sklearn_transfer.engines import engine_for
 from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.files import atomic_write, check_format, format_tag
-from sklearn_transfer.identity import bytes_key, data_digest, fingerprint
+from sklearn_transfer.identity import bytes_key, data_digest
 from sklearn_transfer.images import (
     IMG_EXTENSIONS,
     ImageLoadError,
@@ -109,7 +110,7 @@ from sklearn_transfer.images import (
     is_url,
     read_images_bytes,
 )
-from sklearn_transfer.runtime import Runtime, actionable_oom, usable_cores
+from sklearn_transfer.runtime import Runtime, usable_cores
 
 __all__ = ["ExtractedCodes", "ExtractionSummary", "Failure", "extract_codes", "iter_codes",
            "read_codes"]
@@ -339,21 +340,19 @@ def extract_codes(
         else:
             kept_failed += failed
     missing = sum(min(partition_size, len(paths) - start) for _, start in todo)
-    from tqdm.auto import tqdm
-
-    show = progress is True or (progress == "auto" and missing > 1000)
-    bar = tqdm(total=missing, unit="img", disable=not show, desc="CNN codes")
+    bar = progress_bar(progress, missing)
     jobs = [(i, paths[s: s + partition_size],
              None if labels is None else labels[s: s + partition_size], s) for i, s in todo]
-    shipped = copy.copy(transformer)
-    shipped.progress = False
+    cache = as_feature_cache(transformer.memory)
+    settings = _Settings(computation, str(transformer.device), transformer.batch_size,
+                         transformer.num_workers, None if cache is None else cache.directory)
     done = _Done(bar)
     with bar:
         if client is None:
             for job in jobs:
-                done(_write_partition(shipped, str(out), *job, on_error))
+                done(_write_partition(settings, str(out), *job, on_error))
         else:
-            _run_on_cluster(client, shipped, str(out), jobs, on_error, done)
+            _run_on_cluster(client, settings, str(out), jobs, on_error, done)
     if done.failed:
         first = done.first_error
         warnings.warn(f"{done.failed} of {missing} images could not be read and have no codes "
@@ -519,23 +518,30 @@ def _collate(batch: list) -> tuple[Any, list[int], list[tuple[int, bytes | None]
     return xs, [i for _, i in good], [(i, k) for _, i, k in batch], failures
 
 
-def _partition_codes(transformer: CNNFeatureTransformer, paths: list[str], start: int,
+class _Settings(NamedTuple):
+    """How a partition's codes are computed: what a task needs besides its images."""
+
+    computation: CodesComputation
+    device: str
+    batch_size: int
+    num_workers: int
+    directory: str | None  # where OpenVINO keeps converted networks
+
+
+def _partition_codes(settings: _Settings, paths: list[str], start: int,
                      on_error: str) -> tuple[np.ndarray, list, list[str | None]]:
     """Codes (zeros where failed), content keys and errors of one partition's images."""
-    computation = transformer.computation_
-    runtime = Runtime.from_device(transformer.device, computation.precision)
-    engine = transformer._engine_on(runtime)
-    loader = torch.utils.data.DataLoader(
-        _PartitionImages(paths, start, computation.data_config),
-        batch_size=transformer.batch_size, num_workers=transformer.num_workers,
-        collate_fn=_collate, pin_memory=runtime.pin_memory)
+    computation = settings.computation
+    runtime = Runtime.from_device(settings.device, computation.precision)
+    engine = engine_for(computation, runtime.device, directory=settings.directory)
+    batches = image_batches(_PartitionImages(paths, start, computation.data_config), runtime,
+                            settings.batch_size, settings.num_workers, collate_fn=_collate)
     codes = np.zeros((len(paths), computation.n_features), dtype=np.float32)
     keys: list[bytes | None] = [None] * len(paths)
     errors: list[str | None] = [None] * len(paths)
-    prefetch = 2 if transformer.num_workers == 0 else 0  # as transform: decode overlaps compute
 
     def good_images():
-        for xs, positions, batch_keys, failures in iterate_batches(loader, prefetch=prefetch):
+        for xs, positions, batch_keys, failures in batches:
             for i, exc in failures:
                 # only the image's own faults are skipped; a missing package stops the job
                 if on_error == "raise" or not isinstance(exc, (ImageLoadError,
@@ -547,13 +553,12 @@ def _partition_codes(transformer: CNNFeatureTransformer, paths: list[str], start
             if xs is not None:
                 yield xs, positions
 
-    with actionable_oom(transformer.batch_size):
-        for batch_codes, positions in engine.map(good_images()):
-            codes[positions] = batch_codes
+    for batch_codes, positions in run_engine(engine, good_images(), settings.batch_size):
+        codes[positions] = batch_codes
     return codes, keys, errors
 
 
-def _write_partition(transformer: CNNFeatureTransformer, out: str, index: int,
+def _write_partition(settings: _Settings, out: str, index: int,
                      paths: list[str], labels: np.ndarray | None, start: int,
                      on_error: str = "raise") -> tuple[int, int, str | None]:
     """Compute one partition and write its file atomically.
@@ -563,8 +568,8 @@ def _write_partition(transformer: CNNFeatureTransformer, out: str, index: int,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    computation = transformer.computation_
-    codes, keys, errors = _partition_codes(transformer, paths, start, on_error)
+    computation = settings.computation
+    codes, keys, errors = _partition_codes(settings, paths, start, on_error)
     failed = [e is not None for e in errors]
     columns = {
         "index": pa.array(np.arange(start, start + len(paths)), pa.int64()),
@@ -596,12 +601,6 @@ def _n_failed(part: Path) -> int:
 
 # ------------------------------------------------------------------------------ on Dask
 
-#: per worker process: a transformer for the computation it last ran, with its network built
-#: once (its engine serves several threads: one inference request per batch)
-_TRANSFORMERS: dict[str, CNNFeatureTransformer] = {}
-_LOCK = threading.Lock()
-
-
 def _import_distributed() -> Any:
     try:
         import distributed
@@ -622,46 +621,27 @@ def _engine_threads(client: Any) -> dict[str, int]:
     return {a: max(1, cores.get(a, 1) // on_host[info["host"]]) for a, info in workers.items()}
 
 
-def _on_worker(shipped: CNNFeatureTransformer, threads: dict[str, int]) -> CNNFeatureTransformer:
-    """This worker's transformer for ``shipped``'s computation, its network built once."""
-    import torch
-    from distributed import get_worker
-
-    computation = shipped.computation_
-    with _LOCK:
-        if computation.key not in _TRANSFORMERS:
-            torch.set_num_threads(threads.get(get_worker().address, 1))
-            network = computation.network().eval()
-            if fingerprint(network) != computation.fingerprint:
-                raise RuntimeError(
-                    f"the worker {get_worker().address} builds another {computation.name} "
-                    "network than the client (other weights or package versions "
-                    "installed there); install the same versions on every worker")
-            local = copy.copy(shipped)
-            local.backbone_ = network
-            _TRANSFORMERS.clear()  # one computation at a time: free the last one's weights
-            _TRANSFORMERS[computation.key] = local
-        return _TRANSFORMERS[computation.key]
-
-
-def _partition_task(shipped: CNNFeatureTransformer, threads: dict[str, int], out: str,
+def _partition_task(settings: _Settings, threads: dict[str, int], out: str,
                     index: int, paths: list[str], labels: np.ndarray | None, start: int,
                     on_error: str) -> tuple[int, int, str | None]:
-    return _write_partition(_on_worker(shipped, threads), out, index, paths, labels, start,
-                            on_error)
+    from distributed import get_worker
+
+    # Dask threads times engine threads match the worker's share of the cores (it also
+    # sizes OpenVINO); set before the engine of this process is built
+    torch.set_num_threads(threads.get(get_worker().address, 1))
+    return _write_partition(settings, out, index, paths, labels, start, on_error)
 
 
-def _run_on_cluster(client: Any, shipped: CNNFeatureTransformer, out: str, jobs: list,
+def _run_on_cluster(client: Any, settings: _Settings, out: str, jobs: list,
                     on_error: str, done: _Done) -> None:
     distributed = _import_distributed()
     if not jobs:
         return
-    if isinstance(shipped.computation_.backbone, str):
-        shipped.backbone_ = None  # a named network travels by name: workers build it
-    transformer = client.scatter(shipped, broadcast=True, hash=False)
+    # a named network travels by name (workers build it, checked against its fingerprint)
+    shipped = client.scatter(settings, broadcast=True, hash=False)
     threads = _engine_threads(client)
     run = os.urandom(4).hex()  # a fresh name per call: never an erred result of an earlier one
-    futures = [client.submit(_partition_task, transformer, threads, out, *job, on_error,
+    futures = [client.submit(_partition_task, shipped, threads, out, *job, on_error,
                              pure=False, key=f"sklearn_transfer-codes-{job[0]:05d}-{run}")
                for job in jobs]
     try:

@@ -19,19 +19,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from sklearn_transfer.backbones import Backbone, get_backbone, resolve_stage
-from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
+from sklearn_transfer.batches import ImageDataset
 from sklearn_transfer.cache import FeatureCache, as_feature_cache
+from sklearn_transfer.codes import image_batches, progress_bar, run_engine
 from sklearn_transfer.computation import POOLINGS, CodesComputation
-from sklearn_transfer.engines import (
-    ENGINES,
-    EngineUnavailableError,
-    OpenVINOEngine,
-    TorchEngine,
-    build_engine,
-    resolve_engine,
-)
+from sklearn_transfer.engines import ENGINES, EngineUnavailableError, engine_for, resolve_engine
 from sklearn_transfer.images import as_image_source
-from sklearn_transfer.runtime import PRECISIONS, Runtime, actionable_oom
+from sklearn_transfer.runtime import PRECISIONS, Runtime
 
 __all__ = ["CNNFeatureTransformer"]
 
@@ -66,8 +60,8 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         and its mirror image's (one forward pass of both views; twice the
         compute). Use it for the training and the test images alike.
     batch_size : int, default=16
-        Images per forward pass; on a CPU small batches stay in cache and
-        run faster, on a GPU use more.
+        Images per forward pass; on a CPU small batches stay in the
+        processor's cache, on a GPU use more.
     device : str, default="auto"
         ``"auto"`` uses CUDA when present (pinned memory, non-blocking
         copies), the CPU otherwise.
@@ -87,7 +81,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
     num_workers : int, default=0
         DataLoader worker processes decoding images. ``0`` decodes in a
         background thread of this process, overlapping the forward pass
-        (fastest on a machine with few cores); on a GPU machine use several.
+        (no worker processes to start or feed); on a GPU machine use several.
     progress : bool or "auto", default="auto"
         A tqdm progress bar; ``"auto"`` shows it for more than 1,000 images.
     memory : str, path-like, FeatureCache or None, default=None
@@ -234,18 +228,15 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         )
         directory = None if cache is None else cache.directory
         try:
-            engine = build_engine(computation, network, runtime, directory)
+            engine_for(computation, runtime.device, network, directory)
         except EngineUnavailableError as exc:
             warnings.warn(f"{exc}; computing the codes with torch instead", RuntimeWarning,
                           stacklevel=2)
             computation = dataclasses.replace(computation, engine="torch")
-            engine = build_engine(computation, network, runtime)
         self.backbone_ = network
         self.computation_ = computation
         self.stages_ = resolved
         self.n_features_out_ = computation.n_features
-        self._engine: tuple[torch.device, TorchEngine | OpenVINOEngine] | None = (
-            runtime.device, engine)
         return self
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
@@ -287,51 +278,24 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         out = np.empty((len(indices), self.n_features_out_), dtype=np.float32)
         if len(indices) == 0:
             return out
-        from tqdm.auto import tqdm
-
         runtime = Runtime.from_device(self.device, self.computation_.precision)
-        engine = self._engine_on(runtime)
+        cache = as_feature_cache(self.memory)
+        try:
+            engine = engine_for(self.computation_, runtime.device, self.backbone_,
+                                None if cache is None else cache.directory)
+        except EngineUnavailableError as exc:
+            raise EngineUnavailableError(
+                f"{exc}: this transformer was fitted with engine="
+                f"{self.computation_.engine!r}; fit it again here (engine='auto' falls "
+                "back to torch)") from None
         dataset = torch.utils.data.Subset(
             ImageDataset(source, self.computation_.data_config), indices.tolist())
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_images,
-            pin_memory=runtime.pin_memory,
-        )
-        show = self.progress is True or (self.progress == "auto" and len(indices) > 1000)
-        bar = tqdm(total=len(indices), unit="img", disable=not show, desc="CNN codes")
+        batches = image_batches(dataset, runtime, self.batch_size, self.num_workers)
         pos = 0
-        prefetch = 2 if self.num_workers == 0 else 0
-        with actionable_oom(self.batch_size):
-            for codes, _ in engine.map(iterate_batches(loader, prefetch=prefetch)):
+        with progress_bar(self.progress, len(indices)) as bar:
+            for codes, _ in run_engine(engine, batches, self.batch_size, bar):
                 out[pos: pos + len(codes)] = codes
                 if on_batch is not None:
                     on_batch(np.arange(pos, pos + len(codes)), out[pos: pos + len(codes)])
                 pos += len(codes)
-                bar.update(len(codes))
-        bar.close()
         return out
-
-    def _engine_on(self, runtime: Runtime) -> TorchEngine | OpenVINOEngine:
-        """The engine of ``computation_`` on the device: built at fit, or after a load."""
-        if self._engine is None or self._engine[0] != runtime.device:
-            cache = as_feature_cache(self.memory)
-            directory = None if cache is None else cache.directory
-            try:
-                engine = build_engine(self.computation_, self.backbone_, runtime, directory)
-            except EngineUnavailableError as exc:
-                raise EngineUnavailableError(
-                    f"{exc}: this transformer was fitted with engine="
-                    f"{self.computation_.engine!r}; fit it again here (engine='auto' falls "
-                    "back to torch)") from None
-            self._engine = (runtime.device, engine)
-        return self._engine[1]
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        if "_engine" in state:
-            state["_engine"] = None  # an engine (a device copy, a compiled network) is rebuilt
-        return state
-

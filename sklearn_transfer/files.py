@@ -31,6 +31,7 @@ FORMATS = {
     "codes-dataset": 3,  # extract_codes' Parquet dataset
     "fit-checkpoint": 5,  # TrainingCheckpoint's file
     "persistence": 2,  # persistence.dump's zip file
+    "converted-network": 1,  # an OpenVINO network kept in a feature cache directory
 }
 
 

@@ -125,7 +125,7 @@ def test_the_converted_network_is_kept_in_the_cache_directory(tmp_path, monkeypa
         raise AssertionError("converted again")
 
     # a later process: nothing compiled in memory, the converted form read from disk
-    monkeypatch.setattr(engines, "_COMPILED", type(engines._COMPILED)())
+    monkeypatch.setattr(engines, "_ENGINES", type(engines._ENGINES)())
     monkeypatch.setattr(engines, "_convert", no_conversion)
     again = tiny(memory=tmp_path).fit()
     assert again.computation_.engine == "openvino"
@@ -136,12 +136,30 @@ def test_a_damaged_converted_network_is_converted_again(tmp_path, monkeypatch):
     first = tiny(memory=tmp_path).fit()
     xml = next((tmp_path / "engines").glob("openvino-*/network.xml"))
     xml.write_text("<net>damaged")
-    monkeypatch.setattr(engines, "_COMPILED", type(engines._COMPILED)())
-    with pytest.warns(RuntimeWarning, match="network.xml' cannot be read .* converting it again"):
+    monkeypatch.setattr(engines, "_ENGINES", type(engines._ENGINES)())
+    with pytest.warns(RuntimeWarning, match="converted network in .* cannot be used .* "
+                      "converting it again"):
         again = tiny(memory=tmp_path).fit()
     X = colour_images(2, size=32)
     np.testing.assert_array_equal(again.transform(X), first.transform(X))
     assert "<net>damaged" not in xml.read_text()  # kept again, whole
+
+
+def test_a_converted_network_with_flipped_bytes_is_never_trusted(tmp_path, monkeypatch):
+    """Same size, other bytes: its digests say so before any code is computed with it."""
+    X = colour_images(3, size=32)
+    first = tiny(memory=tmp_path, precision="float32").fit()
+    expected = first.transform(X)
+    weights = next((tmp_path / "engines").glob("openvino-*/network.bin"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(engines, "_ENGINES", type(engines._ENGINES)())  # a later process
+    with pytest.warns(RuntimeWarning, match=r"network.bin' is not the file converted \(its "
+                      "SHA-256 differs"):
+        again = tiny(memory=tmp_path, precision="float32").fit()
+    np.testing.assert_array_equal(again.transform(X), expected)
+    assert weights.read_bytes() != bytes(data)  # converted and kept again
 
 
 def test_a_pickled_transformer_rebuilds_its_engine():
@@ -150,7 +168,7 @@ def test_a_pickled_transformer_rebuilds_its_engine():
     tf = tiny().fit()
     X = colour_images(2, size=32)
     again = pickle.loads(pickle.dumps(tf))
-    assert again._engine is None
+    assert not [name for name in vars(again) if name.startswith("_")]  # no engine travels
     np.testing.assert_array_equal(again.transform(X), tf.transform(X))
 
 
@@ -164,7 +182,7 @@ def test_openvino_pins_its_threads_only_when_it_has_every_core():
     try:
         for threads in sorted({1, usable_cores()}):
             torch.set_num_threads(threads)
-            engine = engines.build_engine(tf.computation_, tf.backbone_, runtime)
+            engine = engines.engine_for(tf.computation_, runtime.device, tf.backbone_)
             pinned = engine.compiled.get_property("ENABLE_CPU_PINNING")
             assert pinned == (threads >= usable_cores()), (threads, pinned)
     finally:
@@ -206,7 +224,7 @@ def test_tta_averages_the_codes_of_each_image_and_its_mirror(engine):
 def test_map_gives_each_batch_its_codes_in_order_with_its_tag(engine):
     tf = tiny(engine=engine, precision="float32").fit()
     runtime = Runtime.from_device("cpu", "float32")
-    run = engines.build_engine(tf.computation_, tf.backbone_, runtime)
+    run = engines.engine_for(tf.computation_, runtime.device, tf.backbone_)
     images = torch.from_numpy(colour_images(11, size=32)).permute(0, 3, 1, 2)
     batches = [(images[i: i + 3], f"batch {i}") for i in range(0, 11, 3)]  # more than streams
     got = list(run.map(iter(batches)))

@@ -368,10 +368,10 @@ def test_a_cluster_writes_the_codes_of_a_local_run(client, pngs, tmp_path):
 
     assert set(client.run(torch.get_num_threads).values()) == {1}
     # each worker built the network once for this computation
-    from sklearn_transfer import extract
+    from sklearn_transfer import engines
 
-    held = client.run(lambda: list(extract._TRANSFORMERS))
-    assert set(map(tuple, held.values())) <= {(tf.computation_.key,)}
+    held = client.run(lambda: [key for key, _, _ in engines._ENGINES])
+    assert all(keys == [tf.computation_.key] for keys in held.values() if keys)
 
 
 def test_a_bad_image_on_a_worker_comes_back_as_the_library_error(client, pngs, tmp_path):
