@@ -48,7 +48,6 @@ autodoc_typehints = "none"
 # an override without a docstring of its own (skorch's hooks) stays out of the reference
 autodoc_inherit_docstrings = False
 numpydoc_show_class_members = False  # the class template lists the members
-numpydoc_class_members_toctree = False
 
 # -- cross-references: every one must resolve ----------------------------------
 nitpicky = True
