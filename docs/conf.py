@@ -127,19 +127,6 @@ def resolve_as_python_would(app, env, node, contnode):
     return None
 
 
-# TEMP: fixed by the lead. sklearn_transfer/features.py:257, the "Returns" type of
-# CNNFeatureTransformer.transform, "shape (n_samples, n_features_out_)": reST reads the
-# trailing underscore as a link (docutils ERROR: Unknown target name: "n_features_out").
-TEMP_DOCSTRING_ESCAPES = {"sklearn_transfer.CNNFeatureTransformer.transform": "n_features_out_"}
-
-
-def temp_escape(app, what, name, obj, options, lines):
-    """TEMP: fixed by the lead. Escape the words of TEMP_DOCSTRING_ESCAPES before numpydoc."""
-    word = TEMP_DOCSTRING_ESCAPES.get(name)
-    if word:
-        lines[:] = [line.replace(word, word[:-1] + "\\_") for line in lines]
-
-
 def skip_metadata_requests(app, what, name, obj, skip, options):
     """Leave out scikit-learn's generated ``set_*_request`` methods (documented by scikit-learn)."""
     return True if re.fullmatch(r"set_\w+_request", name) else None
@@ -149,4 +136,3 @@ def setup(app):
     app.connect("builder-inited", check_api_lists)
     app.connect("autodoc-skip-member", skip_metadata_requests)
     app.connect("missing-reference", resolve_as_python_would)
-    app.connect("autodoc-process-docstring", temp_escape, priority=400)  # TEMP, before numpydoc

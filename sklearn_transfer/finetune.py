@@ -222,27 +222,18 @@ class FineTunedClassifier(NeuralNetClassifier):
     checkpoint_dir : str, path-like or None, default=None
         Makes ``fit`` survive a crash, through the
         :class:`~sklearn_transfer.checkpoint.TrainingCheckpoint` callback
-        (``checkpoint``). After every epoch the complete training state
-        (module, optimizer, history, the other callbacks' states and the
-        random states) is written to one file in this directory, atomically.
-        A later ``fit`` *of the same run* (same parameters, apart from
-        ``verbose`` and ``checkpoint_dir``, and the same ``X`` and ``y``)
-        finds it and resumes after the last completed epoch; on the CPU it
-        ends with exactly the weights, history and predictions of an
-        uninterrupted fit. The file is named after a SHA-256 of parameters and
-        data, so the folds and candidates of a grid search can share the
-        directory. It is deleted when ``fit`` completes, and kept when it is
-        interrupted (an exception, ``KeyboardInterrupt``, a killed process);
-        the files of other runs that no fit has written or resumed for 7 days
-        (``callbacks__checkpoint__max_age_days``) are deleted when a run opens
-        the directory. Image files in ``X`` are identified by path, size and
-        modification time. Only ``fit``
-        from scratch checkpoints; ``partial_fit`` and ``warm_start``
-        continuations do not. With ``num_workers > 0`` the training workers
-        are restarted every epoch (``persistent_workers`` defaults to False)
-        so that their random streams can be replayed. Custom callbacks' own
-        state is not saved, unless they have ``checkpoint_state()`` and
-        ``load_checkpoint_state(state)`` methods (as :class:`WeightEMA`).
+        (``checkpoint``): after every epoch the complete training state is
+        written to one file in this directory, atomically, and a later
+        ``fit`` *of the same run* (same parameters apart from ``verbose`` and
+        ``checkpoint_dir``, same ``X`` and ``y``; image files count by path,
+        size and modification time) resumes after the last completed epoch,
+        ending on the CPU exactly as an uninterrupted fit. Folds and
+        candidates of a grid search can share the directory. The file is
+        deleted when the fit completes; files of other runs untouched for 7
+        days are deleted (``callbacks__checkpoint__max_age_days``). Only fits
+        from scratch checkpoint. A callback of your own is saved with its
+        fitted attributes (names ending in ``_``) that are numbers, tensors or
+        have a ``state_dict()``.
     precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
         Autocast precision of the forward passes (losses and weights stay
         float32). ``"auto"`` is what the device computes natively
@@ -269,10 +260,12 @@ class FineTunedClassifier(NeuralNetClassifier):
     batch_size : int, default=32
     train_split : callable or None, default=ValidSplit(0.2, stratified=True)
         skorch's internal validation split (for the epoch table, early
-        stopping and the best weights); ``None`` trains on everything.
+        stopping and the best weights); ``None`` trains on everything. The
+        validation part sees the images with the evaluation transform.
     device : str or torch.device, default="cuda" if a GPU is visible, else "cpu"
-        Where skorch moves the network (a plain device, as skorch takes it: the
-        default is decided when the library is imported). A model pickled on a
+        Where skorch moves the network: a plain device, decided when the
+        library is imported (skorch reads ``device`` wherever it moves a
+        network, a batch or loaded weights, so ``"auto"`` is refused). A model pickled on a
         GPU machine loads on one without (skorch maps it to the CPU, with a
         warning). On CUDA: pinned memory. The network runs ``channels_last``.
     **kwargs
@@ -281,9 +274,9 @@ class FineTunedClassifier(NeuralNetClassifier):
         ``warm_start``, ``iterator_train__num_workers=4`` (decoding and
         augmentation in DataLoader worker processes), routed
         ``callbacks__early_stopping__threshold`` or ``callbacks__lr_scheduler=None``.
-        The iterators get ``collate_images`` (channels_last uint8 batches),
-        pinned memory on CUDA and, for training, shuffling, unless routed
-        parameters say otherwise.
+        The iterators are :class:`~sklearn_transfer.batches.ImageLoader`
+        (channels_last uint8 batches, seeded workers, pinned memory on CUDA
+        and, for training, shuffling), unless routed parameters say otherwise.
     mixup : None, float or dict, default=None
         MixUp/CutMix of the training batches, by timm's
         :class:`timm.data.Mixup`: a float is MixUp's ``mixup_alpha`` (each
@@ -318,12 +311,14 @@ class FineTunedClassifier(NeuralNetClassifier):
         ``e / (warmup_epochs + 1)`` of every group's rate, then the cosine
         schedule runs over the remaining epochs (or the rate stays constant
         with ``lr_schedule=None``); torch's ``LinearLR`` and ``SequentialLR``
-        in skorch's ``LRScheduler`` (:func:`warmup_schedule`). Must be less
+        in skorch's ``LRScheduler``
+        (:func:`~sklearn_transfer.callbacks.warmup_schedule`). Must be less
         than ``max_epochs``.
     ema : float in (0, 1) or None, default=None
         Keep an exponential moving average of the weights with this decay
-        per training step (timm's ``ModelEmaV3``, the :class:`WeightEMA`
-        callback ``ema``); when training ends the average replaces the
+        per training step (timm's ``ModelEmaV3``, the
+        :class:`~sklearn_transfer.callbacks.WeightEMA` callback ``ema``);
+        when training ends the average replaces the
         weights and is what ``predict`` uses. The validation scores of each
         epoch (and early stopping, which then restores no best epoch: the
         average is kept) are those of the trained weights, not of the
@@ -331,12 +326,13 @@ class FineTunedClassifier(NeuralNetClassifier):
         well below the number of steps (``max_epochs * n_train /
         batch_size``).
     tta : bool, default=False
-        Test-time augmentation: ``predict_proba`` (so ``predict``, ``score``
-        and the ``valid_acc`` column) averages the probabilities of each
-        image and its mirror image, the views of ``CNNFeatureTransformer(tta=True)``
+        Test-time augmentation: ``predict_proba`` (so ``predict`` and
+        ``score``) averages the probabilities of each image given and its
+        mirror image, the views of ``CNNFeatureTransformer(tta=True)``
         (:func:`~sklearn_transfer.preprocessing.tta_views`); twice the
-        prediction compute. ``valid_loss`` and training are unchanged: the
-        same ``random_state`` trains the same weights with and without it.
+        prediction compute. Training, ``valid_loss`` and ``valid_acc`` are
+        unchanged: the same ``random_state`` trains the same weights with and
+        without it.
 
     Attributes
     ----------
@@ -344,7 +340,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         The labels, in the order of ``predict_proba``'s columns; for a
         multi-label ``Y``, the column indices ``0 .. n_labels - 1`` (as
         scikit-learn's ``MLPClassifier``).
-    module_ : FineTuneModule
+    module_ : ~sklearn_transfer.network.FineTuneModule
         The network after training (with the best validation weights).
     history_ : skorch.History
         Per-epoch and per-batch records, as in skorch.
@@ -363,31 +359,8 @@ class FineTunedClassifier(NeuralNetClassifier):
     ``EpochScoring("f1_macro")`` compare like with like. On images it returns
     the original labels.
 
-    Multi-label: ``fit(X, Y)`` with ``Y`` a 0/1 indicator matrix of shape
-    ``(n_samples, n_labels)`` (dense or sparse) trains one sigmoid output per
-    label: the default ``criterion``, ``CrossEntropyLoss``, then stands for its
-    per-label form ``BCEWithLogitsLoss`` (another criterion you pass is used
-    as it is). ``predict_proba`` gives each label's probability,
-    ``predict`` the indicator matrix of those above 0.5, ``score`` (and the
-    ``valid_acc`` column) the subset accuracy, every label of an image right,
-    as scikit-learn's multi-label classifiers. A stratified ``ValidSplit``
-    (the default) splits such a ``Y`` unstratified, with the same fraction
-    and seed. A ``Y`` of one column is a binary ``y``, as in scikit-learn.
-    The cheap alternative, often as good on photos: CNN codes and one linear
-    model per label, ``make_pipeline(CNNFeatureTransformer(),
-    OneVsRestClassifier(LogisticRegression()))`` (or ``MultiOutputClassifier``).
-
-    Grid search: ``GridSearchCV(..., n_jobs=1)`` is the safe choice with one
-    GPU (parallel candidates on one GPU fight over its memory). With several
-    GPUs, split the grid and run one search per GPU, each process started
-    with its own ``CUDA_VISIBLE_DEVICES=i``, or run a Dask/Ray joblib
-    backend whose workers each see one GPU.
-
-    Fitted estimators pickle (and ``joblib.dump``); loading a pickle can run
-    arbitrary code, so load such files only from sources you trust. To share
-    a model, use :func:`sklearn_transfer.persistence.dump` / ``load`` (skops
-    and safetensors, no pickle). A CUDA out-of-memory error in a training or
-    prediction step is re-raised naming the batch-size parameter to lower.
+    Multi-label fits, grid searches on GPUs and sharing a fitted model are
+    described in the user guide's fine-tuning page.
 
     Examples
     --------
