@@ -502,3 +502,13 @@ def test_parameters_set_after_fit_are_validated_at_predict():
     clf = tiny(max_epochs=1, train_split=None).fit(X, y)
     with pytest.raises(ValueError, match="'batch_size' parameter .* Got -4"):
         clf.set_params(batch_size=-4).predict(X)
+
+
+def test_class_weights_and_label_types_are_checked_before_training():
+    X, y = two_colours(12)
+    for bad in (-1.0, 0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"class_weight\['red'\]=.*: a class weight must be "
+                                             "a finite positive number"):
+            tiny(class_weight={"red": bad, "green": 1.0}).fit(X, y)
+    with pytest.raises(ValueError, match="Mix of label input types"):
+        tiny().fit(X, [0, "green"] * 6)
