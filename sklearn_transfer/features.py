@@ -254,7 +254,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray of float32, shape (n_samples, n_features_out_)
+        ndarray of float32, shape (n_samples, ``n_features_out_``)
         """
         check_is_fitted(self)
         self._validate_params()  # set_params after fit is checked where it is used
