@@ -140,7 +140,7 @@ def main() -> None:
     # predictions of the fitted models: images decoded and resized as always, then the
     # whole network (through the engine with the defaults)
     predict = {}
-    for name in names[:2]:
+    for name in list(nets)[:2]:
         clf = nets[name]
         clf.predict_proba(X[: args.batch_size])  # warm-up: the conversion, first allocations
         predict[name] = []

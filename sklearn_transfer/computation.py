@@ -159,6 +159,9 @@ class CodesComputation:
         (architecture and every weight and buffer) at ``fit``.
     packages : dict of str to str
         Versions of the packages whose classes make up the network.
+    calibration : str or None
+        For ``precision="int8"``: the SHA-256 of the images the quantization
+        was calibrated on (codes calibrated on other images are other codes).
     key : str
         SHA-256 of all of the above but the display-only fields: what a
         :class:`~sklearn_transfer.FeatureCache` stores the codes under.
@@ -188,6 +191,7 @@ class CodesComputation:
     data_config: DataConfig
     fingerprint: str
     packages: dict[str, str]
+    calibration: str | None = None
     key: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -198,7 +202,8 @@ class CodesComputation:
     def of(cls, network: Backbone, stages: Sequence[int], pooling: str = "avg",
            relu: bool = True, tta: bool = False, precision: str = "float32",
            engine: str = "torch", backbone: str | None = None,
-           weights: str | None = None, fingerprint: str | None = None) -> CodesComputation:
+           weights: str | None = None, fingerprint: str | None = None,
+           calibration: str | None = None) -> CodesComputation:
         """The computation of ``network``'s codes as it is now.
 
         Parameters
@@ -217,6 +222,8 @@ class CodesComputation:
             ``network``'s fingerprint when it is known already (a shared
             pretrained network's, see
             :func:`~sklearn_transfer.backbones.shared_pretrained`).
+        calibration : str, optional
+            The identity of the int8 calibration images.
         """
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
@@ -235,6 +242,7 @@ class CodesComputation:
             data_config=network.data_config,
             fingerprint=fingerprint if fingerprint is not None else network_fingerprint(network),
             packages=_defining_packages(network),
+            calibration=calibration,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -276,6 +284,7 @@ class CodesComputation:
             "data_config": asdict(self.data_config),
             "precision": self.precision,
             "engine": self.engine,
+            **({} if self.calibration is None else {"calibration": self.calibration}),
         }
 
     def network(self) -> Backbone:

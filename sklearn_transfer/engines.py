@@ -15,6 +15,10 @@ An engine turns a batch of uint8 images ``(n, 3, H, W)`` into the codes of a
   a batch on its own (OpenVINO's ``AsyncInferQueue``), so that ``map`` keeps
   a batch per stream in flight and a core busy decoding images holds up one
   batch, not every layer of all of them.
+* ``"openvino"`` with ``precision="int8"``: that network quantized by NNCF
+  (OpenVINO's post-training quantization) on calibration images, the
+  remaining layers at the CPU's native precision. Opt-in: never chosen by
+  ``"auto"``.
 
 :func:`resolve_engine` decides what ``engine="auto"`` means;
 :func:`engine_for` gives the engine of a computation on a device, built once
@@ -46,7 +50,7 @@ from torch import nn
 from sklearn_transfer.computation import CodesComputation
 from sklearn_transfer.files import FormatError, check_format, format_tag
 from sklearn_transfer.identity import fingerprint, sha256_file
-from sklearn_transfer.runtime import Runtime, usable_cores
+from sklearn_transfer.runtime import Runtime, native_precision, usable_cores
 
 __all__ = ["ENGINES", "EngineUnavailableError", "OpenVINOEngine", "TorchEngine",
            "available_engines", "engine_for", "resolve_engine"]
@@ -173,16 +177,21 @@ class OpenVINOEngine:
     """
 
     def __init__(self, computation: CodesComputation, network: nn.Module,
-                 directory: str | os.PathLike | None = None) -> None:
+                 directory: str | os.PathLike | None = None,
+                 calibration: Iterable[torch.Tensor] | None = None) -> None:
         ov = _import_openvino()
         model = _read_converted(ov, computation, directory)
         if model is None:
             model = _convert(ov, computation, network)
+            if computation.precision == "int8":
+                model = _quantize(model, computation, calibration)
         # torch.set_num_threads is the one knob for both engines: a Dask worker sharing the
         # cores with others lowers it, and OpenVINO would otherwise take every core
         threads = torch.get_num_threads()
         self.compiled = _core(ov).compile_model(model, "CPU", {
-            "INFERENCE_PRECISION_HINT": _OV_PRECISION[computation.precision],
+            # int8: the layers left unquantized at the CPU's native precision
+            "INFERENCE_PRECISION_HINT": _OV_PRECISION.get(
+                computation.precision, _OV_PRECISION[native_precision(torch.device("cpu"))]),
             "PERFORMANCE_HINT": "THROUGHPUT",  # streams: a batch per core (see map)
             "INFERENCE_NUM_THREADS": threads,
             # pinned threads of processes sharing the cores (Dask workers) would all
@@ -245,7 +254,9 @@ _BUILDING = threading.Lock()
 
 def engine_for(computation: CodesComputation, device: str | torch.device = "auto",
                network: nn.Module | None = None,
-               directory: str | os.PathLike | None = None) -> TorchEngine | OpenVINOEngine:
+               directory: str | os.PathLike | None = None,
+               calibration: Iterable[torch.Tensor] | None = None,
+               ) -> TorchEngine | OpenVINOEngine:
     """The engine ``computation.engine`` names, on ``device``, built once per process.
 
     Parameters
@@ -259,11 +270,15 @@ def engine_for(computation: CodesComputation, device: str | torch.device = "auto
         network is refused).
     directory : path-like, optional
         Where OpenVINO keeps converted networks between processes.
+    calibration : iterable of uint8 image batches, optional
+        What an int8 computation is quantized on, when this process has not
+        quantized it yet and ``directory`` does not hold it.
 
     Raises
     ------
     EngineUnavailableError
-        When OpenVINO is missing or cannot convert the network.
+        When OpenVINO is missing or cannot convert the network, or an int8
+        computation has neither its quantized network nor calibration images.
 
     Examples
     --------
@@ -278,13 +293,15 @@ def engine_for(computation: CodesComputation, device: str | torch.device = "auto
     >>> engine(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
     (2, 8)
     """
-    runtime = Runtime.from_device(device, computation.precision)
+    # an int8 computation runs in OpenVINO only: the torch side of the runtime is unused
+    runtime = Runtime.from_device(
+        device, "float32" if computation.precision == "int8" else computation.precision)
     slot = (computation.key, str(runtime.device), torch.get_num_threads())
     with _BUILDING:
         if slot not in _ENGINES:
             if network is None:
                 network = _built(computation)
-            _ENGINES[slot] = (OpenVINOEngine(computation, network, directory)
+            _ENGINES[slot] = (OpenVINOEngine(computation, network, directory, calibration)
                               if computation.engine == "openvino"
                               else TorchEngine(computation, network, runtime))
             while len(_ENGINES) > _KEEP:
@@ -310,21 +327,29 @@ def _built(computation: CodesComputation) -> nn.Module:
 # ------------------------------------------------------------------- OpenVINO's files
 
 
+def _import_quietly(name: str, missing: str) -> Any:
+    """Import OpenVINO or NNCF without their usage telemetry (or raise ``ImportError(missing)``).
+
+    Both send usage events to Google Analytics through ``openvino_telemetry``
+    when it is installed; hidden while they are imported, they use their stubs.
+    """
+    blocked = "openvino_telemetry" not in sys.modules
+    if blocked:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ImportError(f"{missing} ({exc})") from None
+    finally:
+        if blocked:
+            del sys.modules["openvino_telemetry"]
+
+
 def _import_openvino() -> Any:
     try:
-        # ``import openvino`` loads its converter, whose telemetry would start a process that
-        # sends usage events to Google Analytics; without the telemetry package it uses its stub
-        blocked = "openvino_telemetry" not in sys.modules
-        if blocked:
-            sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
-        try:
-            import openvino
-        finally:
-            if blocked:
-                del sys.modules["openvino_telemetry"]
+        return _import_quietly("openvino", "OpenVINO is not installed")
     except ImportError as exc:
-        raise EngineUnavailableError(f"OpenVINO is not installed ({exc})") from None
-    return openvino
+        raise EngineUnavailableError(str(exc)) from None
 
 
 @functools.cache
@@ -364,6 +389,21 @@ def _convert(ov: Any, computation: CodesComputation, network: nn.Module) -> Any:
             f"OpenVINO's conversion of {computation.name} computes other codes than torch "
             f"(max abs difference {error:.3g} on an example batch)")
     return model
+
+
+def _quantize(model: Any, computation: CodesComputation,
+              calibration: Iterable[torch.Tensor] | None) -> Any:
+    """``model`` quantized to int8 by NNCF on the calibration batches."""
+    if calibration is None:
+        raise EngineUnavailableError(
+            f"the int8 network of {computation.name} is neither in this process nor kept on "
+            "disk, and quantizing it needs the calibration images of fit: fit the transformer "
+            "again here, or give it memory=... so that the quantized network is kept")
+    nncf = _import_quietly("nncf", "precision='int8' needs NNCF: pip install "
+                                   "'sklearn-transfer[int8]'")
+    batches = [b.numpy() for b in calibration]
+    return nncf.quantize(model, nncf.Dataset(batches),
+                         subset_size=sum(len(b) for b in batches))
 
 
 _FILES = ("network.xml", "network.bin")

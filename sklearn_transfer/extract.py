@@ -671,7 +671,7 @@ def _partition_codes(settings: _Settings, paths: list[str], start: int,
                      on_error: str) -> tuple[np.ndarray, list, list[str | None]]:
     """Codes (zeros where failed), content keys and errors of one partition's images."""
     computation = settings.computation
-    runtime = Runtime.from_device(settings.device, computation.precision)
+    runtime = Runtime.from_device(settings.device)  # its device and memory pinning
     engine = engine_for(computation, runtime.device, directory=settings.directory)
     batches = image_batches(_PartitionImages(paths, start, computation.data_config), runtime,
                             settings.batch_size, settings.num_workers, collate_fn=_collate)

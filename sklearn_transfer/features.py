@@ -30,10 +30,14 @@ from sklearn_transfer.cache import FeatureCache, as_feature_cache
 from sklearn_transfer.codes import image_batches, progress_bar, run_engine
 from sklearn_transfer.computation import POOLINGS, CodesComputation
 from sklearn_transfer.engines import ENGINES, EngineUnavailableError, engine_for, resolve_engine
+from sklearn_transfer.identity import content_key, digest
 from sklearn_transfer.images import as_image_source
 from sklearn_transfer.runtime import PRECISIONS, Runtime
 
-__all__ = ["CNNFeatureTransformer"]
+__all__ = ["CALIBRATION_IMAGES", "CNNFeatureTransformer"]
+
+#: images (an evenly spaced sample of those given to fit) that calibrate int8 codes
+CALIBRATION_IMAGES = 300
 
 
 class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
@@ -77,13 +81,20 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         once per process, or read from ``memory``), torch otherwise. An
         engine that is missing or cannot convert the network falls back to
         torch with a warning.
-    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
+    precision : {"auto", "float32", "bfloat16", "float16", "int8"}, default="auto"
         ``"auto"`` is the fastest precision the device computes natively
         (:func:`~sklearn_transfer.runtime.native_precision`): float16 on
         CUDA, bfloat16 on CPUs with bfloat16 instructions, float32
         elsewhere. Low-precision codes differ from float32 ones in the third
         digit or so, which linear heads do not notice; for exact codes, ask
-        for ``engine="torch", precision="float32"``.
+        for ``engine="torch", precision="float32"``. ``"int8"`` (opt-in,
+        never chosen by ``"auto"``; needs the ``int8`` extra, NNCF) quantizes
+        the network with NNCF's post-training quantization, calibrated at
+        ``fit(X)`` on a sample of at most :data:`CALIBRATION_IMAGES` of ``X``:
+        the calibration is part of ``computation_.key``, so codes of other
+        calibrations are never mixed in the cache. The quantized network is
+        kept in ``memory`` for other processes; without it, a transformer
+        unpickled elsewhere must be fitted again.
     num_workers : int, default=0
         DataLoader worker processes decoding images. ``0`` decodes in a
         background thread of this process, overlapping the forward pass
@@ -149,7 +160,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "engine": [StrOptions(set(ENGINES))],
-        "precision": [StrOptions(set(PRECISIONS))],
+        "precision": [StrOptions({*PRECISIONS, "int8"})],
         "num_workers": [Interval(numbers.Integral, 0, None, closed="left")],
         "progress": ["boolean", StrOptions({"auto"})],
         "memory": [str, os.PathLike, FeatureCache, None],
@@ -197,7 +208,9 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
     def fit(self, X: Any = None, y: Any = None) -> CNNFeatureTransformer:
         """Build the network and resolve the computation (no training).
 
-        ``X`` and ``y`` are ignored; they are accepted for the pipeline API.
+        ``X`` is used by ``precision="int8"`` only, which calibrates its
+        quantization on (an evenly spaced sample of at most 300 of) these
+        images; ``y`` is ignored. Both are accepted for the pipeline API.
 
         Returns
         -------
@@ -207,16 +220,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         stages = self.stage if isinstance(self.stage, (list, tuple)) else [self.stage]
         if len(stages) == 0:
             raise ValueError("stage=[] selects no stage; give at least one")
-        backbone, known = self.backbone, None
-        if isinstance(backbone, nn.Module):
-            # the user's module must not be moved or mutated behind their back
-            backbone = copy.deepcopy(backbone)
-        if isinstance(backbone, str) and backbone in BUILTIN and isinstance(
-                self.weights, str) and self.weights == "pretrained":
-            # fixed, checksummed weights the codes never change: one network per process
-            network, known = shared_pretrained(backbone)
-        else:
-            network = get_backbone(backbone, weights=self.weights).eval()
+        network, known = self._network()
         try:
             resolved = [resolve_stage(s, network.stage_names, network.name) for s in stages]
         except (ValueError, TypeError) as exc:
@@ -230,20 +234,24 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
                     raise
                 # a full disk is a passing state: transforms compute without storing
                 warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+        int8 = self.precision == "int8"
+        runtime = Runtime.from_device(self.device, "auto" if int8 else self.precision)
+        engine = resolve_engine(self.engine, runtime)
+        batches, calibration = self._calibration(X, network, engine) if int8 else (None, None)
         # a named network with fixed weights travels by name (workers build it themselves)
         named = isinstance(self.backbone, str) and self.weights is not None
-        runtime = Runtime.from_device(self.device, self.precision)
         computation = CodesComputation.of(
             network, resolved, self.pooling, self.relu, tta=self.tta,
-            precision=runtime.precision,
-            engine=resolve_engine(self.engine, runtime),
+            precision="int8" if int8 else runtime.precision, engine=engine,
             backbone=self.backbone if named else None,
             weights=os.fspath(self.weights) if named else None, fingerprint=known,
-        )
-        directory = None if cache is None else cache.directory
+            calibration=calibration)
         try:
-            engine_for(computation, runtime.device, network, directory)
+            engine_for(computation, runtime.device, network,
+                       None if cache is None else cache.directory, calibration=batches)
         except EngineUnavailableError as exc:
+            if int8:  # torch has no int8 codes to fall back on
+                raise
             warnings.warn(f"{exc}; computing the codes with torch instead", RuntimeWarning,
                           stacklevel=2)
             computation = dataclasses.replace(computation, engine="torch")
@@ -252,6 +260,38 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         self.stages_ = resolved
         self.n_features_out_ = computation.n_features
         return self
+
+    def _network(self) -> tuple[Backbone, str | None]:
+        """The network to read codes from, and its fingerprint when known already."""
+        backbone = self.backbone
+        if isinstance(backbone, nn.Module):
+            # the user's module must not be moved or mutated behind their back
+            backbone = copy.deepcopy(backbone)
+        if isinstance(backbone, str) and backbone in BUILTIN and isinstance(
+                self.weights, str) and self.weights == "pretrained":
+            # fixed, checksummed weights the codes never change: one network per process
+            return shared_pretrained(backbone)
+        return get_backbone(backbone, weights=self.weights).eval(), None
+
+    def _calibration(self, X: Any, network: Backbone,
+                     engine: str) -> tuple[list[torch.Tensor], str]:
+        """The int8 calibration batches (a sample of ``X``) and their identity."""
+        if engine != "openvino":
+            raise ValueError("precision='int8' runs in OpenVINO on the CPU: use engine='auto' "
+                             "or 'openvino' with device='cpu', and install openvino")
+        if X is None:
+            raise ValueError(
+                "precision='int8' calibrates its quantization on the images given to fit: "
+                "call fit(X) with (a sample of) the images whose codes you want")
+        source = as_image_source(X)
+        n = min(len(source), CALIBRATION_IMAGES)
+        sample = np.unique(np.linspace(0, len(source) - 1, n).round().astype(int))
+        identity = digest(*(content_key(source, int(i)) for i in sample))
+        dataset = torch.utils.data.Subset(ImageDataset(source, network.data_config),
+                                          sample.tolist())
+        batches = image_batches(dataset, Runtime.from_device("cpu", "float32"),
+                                self.batch_size, self.num_workers)
+        return [images for images, _ in batches], identity
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """Names such as ``head_avg_0``: stage, pooling, channel."""
@@ -292,7 +332,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         out = np.empty((len(indices), self.n_features_out_), dtype=np.float32)
         if len(indices) == 0:
             return out
-        runtime = Runtime.from_device(self.device, self.computation_.precision)
+        runtime = Runtime.from_device(self.device)  # its device and memory pinning
         cache = as_feature_cache(self.memory)
         try:
             engine = engine_for(self.computation_, runtime.device, self.backbone_,
