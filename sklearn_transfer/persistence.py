@@ -197,8 +197,9 @@ def load(path: str | os.PathLike, backbone: nn.Module | None = None,
          trusted: list[str] | None = None) -> Saved:
     """Read an estimator :func:`dump` wrote, running no code from the file.
 
-    Nothing is written while loading: the ``memory=`` directory a
-    transformer's file names is created when ``transform`` first uses it.
+    A transformer's ``memory=`` directory is not created while loading (but
+    when ``transform`` first uses it); when it exists, the converted network
+    kept there is reused (or kept there).
 
     Parameters
     ----------
@@ -297,8 +298,11 @@ def _network_estimator(cls: type, skeleton: dict, weight_bytes: bytes, backbone:
             network = get_backbone(copy.deepcopy(net) if isinstance(net, nn.Module) else net,
                                    weights=None)
             _load_weights(network, weights, name)
-            original["memory"] = estimator.memory
-            estimator.backbone, estimator.memory = network, None
+            original["memory"] = memory = estimator.memory
+            # an existing cache serves its converted network; a missing one is not created
+            estimator.backbone, estimator.memory = network, (
+                memory if isinstance(memory, (str, os.PathLike)) and os.path.isdir(memory)
+                else None)
             estimator.fit()
     finally:
         for key, value in original.items():
