@@ -46,6 +46,7 @@ _FIT_OPTIONS = {"time_budget": ("auto",), "memory": ("auto", "codes"),
                 "weights": ("codes", "finetune"), "freeze_depth": ("finetune",),
                 "max_epochs": ("finetune",), "random_state": ("auto", "finetune")}
 _TOP_LOSSES = 16
+_EVALUATE_CHUNK = 256  # images per call: the progress bar's step
 
 
 def _stage(text: str) -> int | str:
@@ -154,8 +155,6 @@ def _evaluate_parser(commands: Any) -> None:
     evaluate.add_argument("val_dir", metavar="VAL_DIR", help="class folders: VAL_DIR/CLASS/*")
     evaluate.add_argument("--report", required=True, metavar="DIR",
                           help="the report's folder (created if missing)")
-    evaluate.add_argument("--chunk-size", type=_positive(int), default=1000, metavar="N",
-                          help=argparse.SUPPRESS)
 
 
 def _extract_parser(commands: Any) -> None:
@@ -370,7 +369,7 @@ def evaluate(args: argparse.Namespace) -> int:
     report.mkdir(parents=True, exist_ok=True)
     parts = []
     with _bar(len(X), "evaluate") as bar:
-        for paths, values, _ in predict_chunks(model, X, args.chunk_size, on_error="raise"):
+        for paths, values, _ in predict_chunks(model, X, _EVALUATE_CHUNK, on_error="raise"):
             parts.append(values)
             bar.update(len(paths))
     values = np.concatenate(parts)

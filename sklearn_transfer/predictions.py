@@ -11,7 +11,8 @@ could not be read.
 A bad image (missing, empty, not an image, truncated) is treated as
 :func:`~sklearn_transfer.extract_codes` treats it: ``on_error="skip"``
 writes its row with the reason in ``error`` and no label or probabilities,
-and goes on (a chunk holding a bad image is predicted again without it);
+and goes on (missing files are found by their metadata first; a chunk
+holding an image that cannot be decoded is predicted again without it);
 ``on_error="raise"`` stops at the first one, naming it and its index in the
 listing, and leaves no output file.
 """
@@ -32,7 +33,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from sklearn_transfer.files import atomic_write
-from sklearn_transfer.images import IMG_EXTENSIONS, ImageLoadError
+from sklearn_transfer.images import IMG_EXTENSIONS, ImageLoadError, is_url, regular_file
 
 __all__ = ["PredictionSummary", "iter_image_paths", "output_format", "predict_chunks",
            "write_predictions"]
@@ -73,10 +74,11 @@ class PredictionSummary:
 def iter_image_paths(src: str | os.PathLike) -> Iterator[str]:
     """The image paths of a folder (any depth) or of a text file listing one per line.
 
-    A folder is walked lazily, each folder's entries in sorted order, keeping
-    the files with an image extension; a list file is read line by line
-    (UTF-8, blank lines skipped, each path as written). Nothing is held in
-    memory but the current folder's entries.
+    A folder is walked lazily (:func:`os.walk`), keeping the files with an
+    image extension: a folder's files in sorted order, then its subfolders in
+    sorted order. A list file is read line by line (UTF-8, blank lines
+    skipped, each path as written). Nothing is held in memory but the current
+    folder's entries.
 
     Parameters
     ----------
@@ -208,7 +210,16 @@ def _predict_chunk(method: Callable, paths: list[str], start: int, on_error: str
     labels (None where failed).
     """
     errors: list[str | None] = [None] * len(paths)
-    todo, predicted = list(range(len(paths))), None
+    for i, path in enumerate(paths):
+        # missing files and folders found by their metadata, not one failed call each
+        try:
+            if not is_url(path):
+                regular_file(path, start + i)
+        except (ImageLoadError, FileNotFoundError) as exc:
+            if on_error == "raise":
+                raise
+            errors[i] = str(exc)
+    todo, predicted = [i for i, error in enumerate(errors) if error is None], None
     while todo:
         try:
             predicted = method([paths[i] for i in todo])
