@@ -306,8 +306,10 @@ def fit(args: argparse.Namespace) -> int:
                 f"{estimator.best_score_:.3f}; {len(status) - skipped} of {len(status)} "
                 f"candidates ran" + (f", {skipped} skipped by --time-budget {args.time_budget:g}"
                                      if skipped else "") + ")")
+    elif args.strategy == "finetune":
+        what = f"finetune on {args.backbone} ({len(model.history)} epochs)"
     else:
-        what = f"{args.strategy} on {args.backbone}"
+        what = f"codes on {args.backbone}"
     print(f"{args.out}: {what}, fitted on {len(y)} images of {len(model.classes_)} classes "
           f"({classes}) in {seconds:.1f} s; {os.path.getsize(args.out) / 1e6:.1f} MB")
     return 0

@@ -289,7 +289,8 @@ def test_fit_finetune_then_predict_matches_the_saved_model(class_folders, tmp_pa
               "mobilenet_v2", "--weights", "none", "--max-epochs", "1", "--freeze-depth", "-1",
               "--random-state", "0")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert re.fullmatch(rf"{model}: finetune on mobilenet_v2, fitted on 6 images of 2 classes "
+    assert re.fullmatch(rf"{model}: finetune on mobilenet_v2 \(1 epochs\), fitted on 6 images of "
+                        r"2 classes "
                         r"\(green, red\) in [\d.]+ s; [\d.]+ MB",
                         run.stdout.strip().splitlines()[-1])
     loaded = load(model)
