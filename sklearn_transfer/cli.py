@@ -361,6 +361,11 @@ def evaluate(args: argparse.Namespace) -> int:
     from sklearn_transfer import load_image_folder
     from sklearn_transfer.predictions import predict_chunks
 
+    try:
+        import matplotlib  # noqa: F401 (the figures; checked before any work)
+    except ImportError:
+        raise ImportError("evaluate draws its figures with matplotlib, which is not "
+                          "installed: pip install matplotlib") from None
     X, folders = load_image_folder(args.val_dir)
     report = Path(args.report)
     if report.exists() and not report.is_dir():
