@@ -121,7 +121,14 @@ def child_search(data: Path, cache: str | None, subset: int, limit: int) -> dict
             "best_score": float(search.best_score_),
             "mean_test_score": search.cv_results_["mean_test_score"].tolist(),
         })
-    return {"n": len(X), **runs[0], "warm": runs[1] if len(runs) > 1 else None}
+    warm_fits = []
+    if cache is not None:  # the second and later fits of a named network in this process
+        for _ in range(10):
+            t0 = time.perf_counter()
+            CNNFeatureTransformer(BACKBONE, memory=cache, progress=False).fit(X)
+            warm_fits.append(time.perf_counter() - t0)
+    return {"n": len(X), **runs[0], "warm": runs[1] if len(runs) > 1 else None,
+            "warm_fit_ms": 1000 * float(np.median(warm_fits)) if warm_fits else None}
 
 
 def run_child(*args: str) -> dict:
@@ -235,9 +242,13 @@ def main() -> None:
         print(f"3. the same search again in the same process, warm cache: {warm['script_s']:.1f} s"
               f" = {warm_ratio:.2f}x the head search on precomputed codes ({heads_s:.1f} s)  "
               f"[target <= 3x: {'met' if warm_ratio <= 3 else 'NOT met'}]; what remains on top "
-              f"of the {fits} head fits: {fits} network builds and fingerprints at fit, "
-              f"{2 * fits - 1} look-ups (each file read and hashed once, then checked by its "
-              f"times); CV accuracies identical to the cold run: {same}")
+              f"of the {fits} head fits: {fits} transformer fits, {2 * fits - 1} look-ups "
+              f"(each file read and hashed once, then checked by its times); CV accuracies "
+              f"identical to the cold run: {same}")
+        fit_ms = cold["warm_fit_ms"]
+        print(f"   a warm CNNFeatureTransformer(memory=...).fit(X) in that process: "
+              f"{fit_ms:.1f} ms (median of 10)  [target <= 10 ms: "
+              f"{'met' if fit_ms <= 10 else 'NOT met'}]")
 
         # 4. without the cache on a subset, next to the cached search on the same subset
         nc = run_child("search", ds, "-", str(sub))

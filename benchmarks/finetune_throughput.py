@@ -30,7 +30,7 @@ from torch import nn
 
 from sklearn_transfer import FineTunedClassifier, get_backbone, load_image_folder
 from sklearn_transfer.batches import ImageDataset, collate_images
-from sklearn_transfer.finetune import FineTuneModule, resolve_freeze_depth
+from sklearn_transfer.network import FineTuneModule, resolve_freeze_depth
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SKLEARN_TRANSFER_DATA", ROOT.parent / "shared" / "data"))

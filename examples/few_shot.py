@@ -1,4 +1,6 @@
-"""Few-shot classification: CNN codes + a nearest-centroid or nearest-neighbour head.
+"""
+Few-shot classification: CNN codes + a nearest-centroid head
+============================================================
 
 With k labelled images per class (k-shot), there is nothing to fine-tune and
 too little to cross-validate a linear head; the pretrained codes alone still
@@ -12,7 +14,9 @@ support images per class from ``train`` then costs a millisecond head fit,
 scored on all of ``val``. Each k is drawn ``--draws`` times (seeds 0, 1, ...),
 and the accuracies are reported as mean ± standard deviation over the draws.
 
-Run::
+The images are the 12-class Oxford flowers subset of the project's real
+datasets (``../shared/data``, or ``$SKLEARN_TRANSFER_DATA``); without them the
+example says so and stops. Run::
 
     python examples/few_shot.py --data ../shared/data/oxford_flowers17_subset12
 
@@ -22,11 +26,13 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.base import ClassifierMixin
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
@@ -67,14 +73,18 @@ def few_shot_accuracies(codes_train: np.ndarray, y_train: np.ndarray, codes_val:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path,
-                        default=Path("../shared/data/oxford_flowers17_subset12"),
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    data = Path(os.environ.get("SKLEARN_TRANSFER_DATA", "../shared/data"))
+    parser.add_argument("--data", type=Path, default=data / "oxford_flowers17_subset12",
                         help="an ImageFolder dataset with train/ and val/")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--draws", type=int, default=20, help="random support sets per k")
     parser.add_argument("--memory", default=None, help="a feature-cache directory")
     args = parser.parse_args()
+    if not (args.data / "train").is_dir():
+        print(f"skipped: no dataset at {args.data} (pass --data, or set SKLEARN_TRANSFER_DATA "
+              "to the folder holding oxford_flowers17_subset12)")
+        return
 
     X_train, y_train = load_image_folder(args.data / "train")
     X_val, y_val = load_image_folder(args.data / "val")
@@ -94,16 +104,25 @@ def main() -> None:
           + f" | all {len(X_train)} train images |")
     print("|---" * (len(args.shots) + 2) + "|")
     start = time.perf_counter()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, make_head in HEADS.items():
-        cells = []
-        for k in args.shots:
-            acc = few_shot_accuracies(codes_train, y_train, codes_val, y_val, make_head, k,
-                                      args.draws)
-            cells.append(f"{acc.mean():.3f} ± {acc.std():.3f}")
+        accs = [few_shot_accuracies(codes_train, y_train, codes_val, y_val, make_head, k,
+                                    args.draws) for k in args.shots]
         full = make_head().fit(codes_train, y_train).score(codes_val, y_val)
-        print(f"| {name} | " + " | ".join(cells) + f" | {full:.3f} |")
+        print(f"| {name} | " + " | ".join(f"{acc.mean():.3f} ± {acc.std():.3f}" for acc in accs)
+              + f" | {full:.3f} |")
+        line = ax.errorbar(args.shots, [acc.mean() for acc in accs],
+                           yerr=[acc.std() for acc in accs], marker="o", capsize=3, label=name)
+        ax.axhline(full, color=line.lines[0].get_color(), linestyle=":", linewidth=1)
     print(f"\n{len(HEADS) * len(args.shots) * args.draws} head fits in "
           f"{time.perf_counter() - start:.1f} s")
+    ax.axhline(1 / n_classes, color="grey", linestyle="--", label="chance")
+    ax.set(xlabel="labelled images per class (k)", ylabel="val accuracy",
+           xticks=args.shots, title=f"{args.data.name}: mean ± std over {args.draws} draws\n"
+                                   f"(dotted: all {len(X_train)} train images)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    plt.show()
 
 
 if __name__ == "__main__":

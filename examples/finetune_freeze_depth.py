@@ -1,6 +1,9 @@
-"""Fine-tune a pretrained CNN and grid-search how deep to freeze it, offline, in minutes.
+"""
+Fine-tuning: grid-search how deep to freeze a pretrained CNN
+============================================================
 
-Runs anywhere, without a network or the project's data folder:
+Fine-tune a pretrained CNN and grid-search how deep to freeze it, offline, in
+seconds. Runs anywhere, without a network or the project's data folder:
 
 * the data are scikit-learn's handwritten digits (8x8 grey levels shipped
   with scikit-learn) upscaled to 16x16 RGB uint8 images;
@@ -11,6 +14,9 @@ Runs anywhere, without a network or the project's data folder:
   (``backbone="efficientnet_lite0"``, the default) the code is the same, only
   slower.
 
+The plots show the fine-tuning's learning curves (skorch's ``history_``) and
+the cross-validated accuracy of each frozen depth and learning rate. Run::
+
     python examples/finetune_freeze_depth.py
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import time
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -91,6 +98,23 @@ def main() -> None:
         print(f"  freeze_depth={params['freeze_depth']!s:4} lr={params['lr']:<6} "
               f"cv accuracy {score:.3f}")
     print(f"best {search.best_params_}: test accuracy {search.score(X_test, y_test):.3f}")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = clf.history_[:, "epoch"]
+    left.plot(epochs, clf.history_[:, "train_loss"], marker="o", label="train loss")
+    left.plot(epochs, clf.history_[:, "valid_loss"], marker="o", label="validation loss")
+    left.set(xlabel="epoch", ylabel="loss", title="fine-tuning with freeze_depth=2")
+    left.legend()
+    depths = [str(depth) for depth in search.param_grid["freeze_depth"]]
+    for offset, lr in zip((-0.2, 0.2), search.param_grid["lr"], strict=True):
+        scores = [score for params, score in zip(results["params"], results["mean_test_score"],
+                                                 strict=True) if params["lr"] == lr]
+        right.bar(np.arange(len(depths)) + offset, scores, width=0.4, label=f"lr={lr}")
+    right.set(xticks=range(len(depths)), xticklabels=depths, xlabel="freeze_depth",
+              ylabel="CV accuracy", ylim=(0.5, 1), title="3-fold grid search")
+    right.legend()
+    fig.tight_layout()
+    plt.show()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Grid search over linear heads on CNN codes, each image's codes computed once.
+"""
+Grid search over heads on cached CNN codes
+==========================================
 
-A 5-fold ``GridSearchCV`` over 6 head settings fits the pipeline 31 times;
+A grid search over linear heads on CNN codes, each image's codes computed
+once. A 5-fold ``GridSearchCV`` over 6 head settings fits the pipeline 31 times;
 without a cache the CNN would run over every image 31 times. With
 ``CNNFeatureTransformer(memory=...)`` the first fold computes the codes and
 stores them on disk, keyed by each image's content; every later fold, every
@@ -19,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -67,3 +71,12 @@ print(f"best: {type(search.best_params_['head']).__name__} C={search.best_params
       f"cross-validated accuracy {search.best_score_:.3f}")
 print(FeatureCache(cache_dir).info())  # one entry per image, though the pipeline was fit 31 times
 print(f"(clear it with: FeatureCache({str(cache_dir)!r}).clear())")
+
+labels = [f"{type(p['head']).__name__}\nC={p['head__C']}" for p in search.cv_results_["params"]]
+fig, ax = plt.subplots(figsize=(9, 4))
+ax.bar(labels, search.cv_results_["mean_test_score"], yerr=search.cv_results_["std_test_score"],
+       capsize=3)
+ax.set(ylabel="5-fold CV accuracy", ylim=(0.5, 1), title=f"heads on the codes of {n} digits")
+ax.tick_params(axis="x", labelsize="small")
+fig.tight_layout()
+plt.show()

@@ -1,5 +1,8 @@
-"""Grid search over which CNN codes to use: the stage and the pooling, with a cache.
+"""
+Grid search over the stage and the pooling of the codes
+=======================================================
 
+Which CNN codes to use: the stage and the pooling, searched with a cache.
 Each (stage, pooling) pair is another computation, so the cache keeps its
 codes apart; within one pair every image is still computed once for all
 folds and head settings. Here: the last stage (the penultimate activations)
@@ -19,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -63,3 +67,13 @@ for params, score in zip(search.cv_results_["params"], search.cv_results_["mean_
           f"C={params['head__C']:<4} accuracy {score:.3f}")
 print(f"best: {search.best_params_}, cross-validated accuracy {search.best_score_:.3f}")
 print(FeatureCache(cache_dir).info())
+
+labels = [f"stage={p['codes__stage']!r}\n{p['codes__pooling']}, C={p['head__C']}"
+          for p in search.cv_results_["params"]]
+fig, ax = plt.subplots(figsize=(9, 4))
+ax.bar(labels, search.cv_results_["mean_test_score"], yerr=search.cv_results_["std_test_score"],
+       capsize=3)
+ax.set(ylabel="5-fold CV accuracy", ylim=(0.5, 1), title=f"codes of {n} digits")
+ax.tick_params(axis="x", labelsize="small")
+fig.tight_layout()
+plt.show()

@@ -12,10 +12,13 @@
   on a Dask cluster.
 * :class:`StrategySearchCV`: which strategy (codes, fine-tuning) for these
   images, cross-validated within a time budget.
+* :class:`ErrorAnalysis`, :func:`label_issues`: what a fitted classifier gets
+  wrong, and which training labels look wrong.
 """
 
 __version__ = "0.1.0"
 
+from sklearn_transfer.analysis import ErrorAnalysis, label_issues
 from sklearn_transfer.backbones import Backbone, available_backbones, get_backbone
 from sklearn_transfer.cache import FeatureCache
 from sklearn_transfer.computation import CodesComputation
@@ -31,6 +34,7 @@ __all__ = [
     "CNNFeatureTransformer",
     "CodesComputation",
     "DataConfig",
+    "ErrorAnalysis",
     "FeatureCache",
     "FineTunedClassifier",
     "ImageLoadError",
@@ -40,6 +44,7 @@ __all__ = [
     "extract_codes",
     "get_backbone",
     "iter_codes",
+    "label_issues",
     "load_image_folder",
     "read_codes",
 ]

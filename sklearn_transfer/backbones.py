@@ -45,6 +45,7 @@ __all__ = [
     "available_backbones",
     "get_backbone",
     "load_checkpoint",
+    "shared_pretrained",
     "resolve_stage",
 ]
 
@@ -615,22 +616,40 @@ def get_backbone(
 # A grid search builds a fresh estimator for every fold and candidate (31 times for 5
 # folds x 6 candidates), and building means reading and verifying the weights file. The
 # built-in offline weights are fixed, checksummed files, so each process builds such a
-# network once and hands out deep copies, several times cheaper; downloaded models,
-# possibly large, are not kept. Building runs under fork_rng: whether it happened in this
+# network once, with its fingerprint; the transformer (which never trains it) shares it,
+# fine-tuning gets deep copies. Building runs under fork_rng: whether it happened in this
 # process already must not change what a seeded caller draws next. The lock keeps threads
 # from building twice or interleaving fork_rng's save/restore of the global generator.
-_PRETRAINED: dict[str, Backbone] = {}
+_PRETRAINED: dict[str, tuple[Backbone, str]] = {}
 _PRETRAINED_LOCK = threading.Lock()
 
 
-def _pretrained(name: str) -> Backbone:
+def shared_pretrained(name: str) -> tuple[Backbone, str]:
+    """The process's one built-in pretrained network ``name``, and its fingerprint.
+
+    Built once per process; never edit it in place (use
+    ``get_backbone(name)`` for a copy of your own).
+
+    Examples
+    --------
+    >>> from sklearn_transfer.backbones import shared_pretrained
+    >>> net, print_ = shared_pretrained("efficientnet_lite0")
+    >>> shared_pretrained("efficientnet_lite0")[0] is net, len(print_)
+    (True, 64)
+    """
+    if name not in BUILTIN:
+        raise ValueError(f"{name!r} is not a built-in backbone; they are {sorted(BUILTIN)}")
     with _PRETRAINED_LOCK:
         if name not in _PRETRAINED:
             with torch.random.fork_rng(devices=[]):
-                net = _build(name, "pretrained")
+                net = _build(name, "pretrained").eval()
             net.widths  # noqa: B018 -- probed once here, then copied with the network
-            _PRETRAINED[name] = net
-        return copy.deepcopy(_PRETRAINED[name])
+            _PRETRAINED[name] = (net, fingerprint(net))
+        return _PRETRAINED[name]
+
+
+def _pretrained(name: str) -> Backbone:
+    return copy.deepcopy(shared_pretrained(name)[0])
 
 
 def _build(backbone: str, weights: WeightsSpec) -> Backbone:

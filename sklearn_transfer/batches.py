@@ -5,6 +5,11 @@
 background thread); a bad image comes back as a :class:`LoadFailure` and is
 raised by :func:`iterate_batches` in the caller's process, as the error
 :mod:`sklearn_transfer.images` wrote for it.
+
+For skorch, :class:`ImageLoader` is the iterator (``iterator_train`` and
+``iterator_valid``): a training dataset augments (and mixes, see
+:class:`MixBatch`) its images and asks to be shuffled;
+:meth:`ImageDataset.evaluation` is the same images as they are.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from sklearn_transfer.images import as_image_source
 from sklearn_transfer.preprocessing import DataConfig, augment_options
+from sklearn_transfer.runtime import seed_worker
 
-__all__ = ["ImageDataset", "LoadFailure", "collate_images", "iterate_batches"]
+__all__ = ["ImageDataset", "ImageLoader", "LoadFailure", "MixBatch", "collate_images",
+           "iterate_batches"]
 
 
 @dataclass
@@ -43,6 +51,9 @@ class ImageDataset(torch.utils.data.Dataset):
         Returned with each image (else its index).
     augment : bool or dict, default=False
         See :func:`~sklearn_transfer.preprocessing.augment_options`.
+    mix : MixBatch, optional
+        Mixes each batch (MixUp/CutMix); with ``augment``, a training dataset,
+        which :class:`ImageLoader` shuffles.
 
     Notes
     -----
@@ -63,13 +74,25 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: Any, config: DataConfig, targets: Any = None,
-                 augment: bool | dict = False) -> None:
+                 augment: bool | dict = False, mix: MixBatch | None = None) -> None:
         self.source = as_image_source(source)
+        self.config, self.targets, self.mix = config, targets, mix
         options = augment_options(augment)
         self.transform = (config.eval_transform() if options is None
                           else config.train_transform(**options))
-        self.targets = targets
         self.draft_size = config.resize_size
+        self.training = options is not None or mix is not None
+
+    def evaluation(self) -> ImageDataset:
+        """The same images and targets with the evaluation transform, unmixed."""
+        return ImageDataset(self.source, self.config, self.targets)
+
+    def collate(self, batch: list) -> Any:
+        """:func:`collate_images`, then the batch mixed if this dataset mixes."""
+        collated = collate_images(batch)
+        if self.mix is None or isinstance(collated, LoadFailure):
+            return collated
+        return self.mix(*collated)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -149,3 +172,66 @@ def _prefetched(iterable: Any, depth: int):
                 buffer.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
+
+
+class MixBatch:
+    """MixUp/CutMix of a batch by timm's ``Mixup``: blended or pasted images, soft targets.
+
+    timm mixes a batch with its reverse and needs an even size: an odd batch's
+    last image stays as it is. Random draws come from NumPy's global RNG
+    (timm's), which ``random_state`` seeds and a training checkpoint saves.
+
+    Parameters
+    ----------
+    options : dict
+        Keyword arguments of :class:`timm.data.Mixup`.
+    n_classes : int
+    multilabel : bool
+    """
+
+    def __init__(self, options: dict, n_classes: int, multilabel: bool) -> None:
+        self.options, self.n_classes, self.multilabel = options, n_classes, multilabel
+
+    def __call__(self, x: torch.Tensor, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from timm.data import Mixup
+        from timm.data.mixup import mixup_target
+
+        x = x.float()  # [0, 255] floats: the network normalises them as it does uint8
+        y = torch.as_tensor(y)
+        mixer = Mixup(**self.options, label_smoothing=0.0, num_classes=self.n_classes,
+                      multi_label=self.multilabel)
+        pairs = len(x) - len(x) % 2
+        soft = mixup_target(y, self.n_classes, 1.0, 0.0, self.multilabel)
+        if pairs:
+            _, soft[:pairs] = mixer(x[:pairs], y[:pairs])  # mixes x[:pairs] in place
+        return x, soft
+
+
+class ImageLoader(DataLoader):
+    """A DataLoader for :class:`ImageDataset`: its collate, shuffling, seeded workers.
+
+    skorch's ``iterator_train`` and ``iterator_valid``; routed options
+    (``iterator_train__num_workers=4``) are DataLoader's. By default it
+    collates with the dataset's :meth:`ImageDataset.collate`, shuffles a
+    training dataset, seeds Python's and NumPy's RNGs in each worker process
+    from torch's, and pins memory when CUDA is present. Iterating it raises a
+    worker's image error in the caller's process (:func:`iterate_batches`).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int | None = 1, shuffle: bool | None = None,
+                 num_workers: int = 0, collate_fn: Any = None, pin_memory: bool | None = None,
+                 worker_init_fn: Any = None, **kwargs: Any) -> None:
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        super().__init__(
+            dataset, batch_size=batch_size,
+            shuffle=bool(getattr(base, "training", False)) if shuffle is None else shuffle,
+            num_workers=num_workers,
+            collate_fn=getattr(base, "collate", collate_images) if collate_fn is None
+            else collate_fn,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            worker_init_fn=seed_worker if worker_init_fn is None and num_workers else
+            worker_init_fn, **kwargs)
+
+    def __iter__(self):
+        return iterate_batches(super().__iter__())
+

@@ -2,12 +2,12 @@
 
 :class:`TrainingCheckpoint` is what ``FineTunedClassifier(checkpoint_dir=...)``
 adds to its callbacks. It writes one file holding everything the next epoch
-depends on: the module, the optimizer, the history, the state of the other
-callbacks (learning-rate schedulers, early stopping with its best weights,
-the best scores of the scoring callbacks, and what any callback with
-``checkpoint_state()`` / ``load_checkpoint_state(state)`` methods returns,
-such as the weight average of :class:`~sklearn_transfer.finetune.WeightEMA`),
-and the random states of Python,
+depends on: the module, the optimizer, the history, the fitted state of the
+other callbacks (their attributes ending in ``_`` that are numbers, tensors,
+dicts of tensors or have a ``state_dict()``: learning-rate schedulers, early
+stopping with its best weights, the best scores of the scoring callbacks, the
+weight average of :class:`~sklearn_transfer.callbacks.WeightEMA`), and the
+random states of Python,
 NumPy and torch, both those the training started from (the validation
 split replays from them) and those after the epoch (shuffling, augmentation,
 dropout). The file is written next to its final name and renamed over it
@@ -46,8 +46,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from skorch.callbacks import Callback, EarlyStopping, LRScheduler
+from skorch.callbacks import Callback, EarlyStopping
 from skorch.history import History
 
 from sklearn_transfer.files import (
@@ -74,10 +75,16 @@ class TrainingCheckpoint(Callback):
     Place it first among the callbacks (``FineTunedClassifier`` does): its
     ``on_train_begin`` restores the history before the scoring callbacks
     read it, and the state after epoch ``k`` is written at the start of
-    epoch ``k + 1``, once every callback has recorded epoch ``k``. It is
-    active for the one training run after :meth:`open` (the fit calls it;
-    later ``partial_fit`` calls continue another run and are not saved),
-    and deletes the file when that run completes.
+    epoch ``k + 1``, once every callback has recorded epoch ``k``. A resumed
+    run trains the epochs the checkpoint lacks and stops as skorch's
+    callbacks stop training (a ``KeyboardInterrupt``, as ``EarlyStopping``).
+    It checkpoints fits from scratch (an empty history when training
+    begins); ``partial_fit`` calls and warm starts continue another run and
+    are not saved. The file is deleted when its run completes.
+
+    skorch's own ``Checkpoint``/``LoadInitState`` keep the best epoch's
+    parameters in separate files; exact resuming needs one file with the
+    random states and every callback's state, written atomically.
 
     Parameters
     ----------
@@ -94,7 +101,7 @@ class TrainingCheckpoint(Callback):
     Attributes
     ----------
     path_ : Path or None
-        The file of the current run (set by :meth:`open`, ``None`` once it has ended).
+        The file of the current run (set when training begins, ``None`` once it ends).
     resumed_epochs_ : int
         Epochs the current fit took from the checkpoint.
     """
@@ -110,18 +117,31 @@ class TrainingCheckpoint(Callback):
         self.resumed_epochs_ = 0
         self._state: dict[str, Any] | None = None
         self._start_rng: dict[str, Any] | None = None
-        self._opened = False
         return self
 
-    def open(self, net: Any, X: Any, y: Any) -> int:
-        """Find this run's checkpoint (before training); return the epochs it holds.
+    def on_train_begin(self, net: Any, X: Any = None, y: Any = None, **kwargs: Any) -> None:
+        # a fit from scratch has no history yet; partial_fit and warm starts continue another
+        # run, which is not this callback's to save
+        self.path_, self._state, self.resumed_epochs_ = None, None, 0
+        if len(net.history) > 0:
+            return
+        self._open(net, X, y)
+        if self._state is None:
+            self._start_rng = capture_rng()
+            return
+        self.resumed_epochs_ = int(self._state["epoch"])
+        # the history first: the scoring callbacks after this one look up their best from it
+        net.module_.load_state_dict(self._state["module"])
+        net.optimizer_.load_state_dict(self._state["optimizer"])
+        net.history_ = History(json.loads(self._state["history"]))
+        # the validation split draws next: as in the interrupted fit
+        self._start_rng = self._state["start_rng"]
+        restore_rng(self._start_rng)
+        if net.verbose:
+            print(f"Resuming from {self.path_} after epoch {self.resumed_epochs_}.")
 
-        Raises
-        ------
-        ValueError
-            The directory cannot be created or written, or the file is not
-            a checkpoint this library wrote (or holds pickled objects).
-        """
+    def _open(self, net: Any, X: Any, y: Any) -> None:
+        """Find this run's checkpoint file, and read it if there is one."""
         directory = Path(self.directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -133,7 +153,6 @@ class TrainingCheckpoint(Callback):
             raise ValueError(f"checkpoint_dir={os.fspath(self.directory)!r} is not writable")
         self.fingerprint_ = run_fingerprint(net, X, y, ignore=_NOT_IN_FINGERPRINT)
         self.path_ = directory / f"fit-{self.fingerprint_[:24]}.pt"
-        self._state = None
         self._remove_abandoned(directory)
         # a process killed while writing this run's checkpoint left its temporary file
         for stale in directory.glob(f".{self.path_.name}.*.tmp"):
@@ -143,9 +162,6 @@ class TrainingCheckpoint(Callback):
             with contextlib.suppress(OSError):
                 os.utime(self.path_)  # resumed now: not abandoned, to a fit starting meanwhile
             self._state = self._read()
-        self.resumed_epochs_ = 0 if self._state is None else int(self._state["epoch"])
-        self._opened = True
-        return self.resumed_epochs_
 
     def _remove_abandoned(self, directory: Path) -> None:
         """Delete other runs' checkpoints (and temporary files) older than ``max_age_days``."""
@@ -190,67 +206,22 @@ class TrainingCheckpoint(Callback):
                              "start")
         return state
 
-    def on_train_begin(self, net: Any, **kwargs: Any) -> None:
-        if not self._opened:  # a continuation (partial_fit, warm start): not this run's
-            self.path_, self._state = None, None
-            return
-        self._opened = False
-        if self._state is None:
-            self._start_rng = capture_rng()
-            return
-        # the history first: the scoring callbacks after this one look up their best from it
-        net.module_.load_state_dict(self._state["module"])
-        net.optimizer_.load_state_dict(self._state["optimizer"])
-        net.history_ = History(json.loads(self._state["history"]))
-        # the validation split draws next: as in the interrupted fit
-        self._start_rng = self._state["start_rng"]
-        restore_rng(self._start_rng)
-        if net.verbose:
-            print(f"Resuming from {self.path_} after epoch {self.resumed_epochs_}.")
-
     def on_epoch_begin(self, net: Any, **kwargs: Any) -> None:
-        if self._state is not None:
-            self._restore_callbacks(net)
+        if self.path_ is None:
+            return
+        if len(net.history) > net.max_epochs:
+            # resumed: skorch runs max_epochs epochs, of which the checkpoint held some; a
+            # KeyboardInterrupt is how skorch's callbacks end training (as EarlyStopping)
+            net.history.pop()
+            raise KeyboardInterrupt
+        if self._state is not None:  # the other callbacks' on_train_begin reset them
+            _restore_callbacks(net, self._state)
             restore_rng(self._state["rng"])
             self._state = None
-        elif len(net.history) > 1 and self.path_ is not None:
+        elif len(net.history) > 1:
             self._save(net)  # the epoch that just ended, complete with every callback's record
 
-    def _restore_callbacks(self, net: Any) -> None:
-        """What the other callbacks' ``on_train_begin`` reset: schedulers, stopping, bests."""
-        saved = self._state["callbacks"]
-        for name, cb in net.callbacks_:
-            if name not in saved:
-                continue
-            if isinstance(cb, LRScheduler):
-                cb.lr_scheduler_.load_state_dict(saved[name]["lr_scheduler"])
-            if isinstance(cb, EarlyStopping):
-                for key in ("misses_", "dynamic_threshold_", "best_epoch_",
-                            "best_model_weights_"):
-                    setattr(cb, key, saved[name][key])
-            if "best_score_" in saved[name]:
-                cb.best_score_ = saved[name]["best_score_"]
-            if "state" in saved[name]:
-                cb.load_checkpoint_state(saved[name]["state"])
-        # building a scheduler with last_epoch > -1 stepped the learning rates: put them back
-        net.optimizer_.load_state_dict(self._state["optimizer"])
-
     def _save(self, net: Any) -> None:
-        callbacks: dict[str, dict] = {}
-        for name, cb in net.callbacks_:
-            entry: dict[str, Any] = {}
-            if isinstance(cb, LRScheduler) and cb.lr_scheduler_ is not None:
-                entry["lr_scheduler"] = cb.lr_scheduler_.state_dict()
-            if isinstance(cb, EarlyStopping):
-                entry.update(misses_=int(cb.misses_), dynamic_threshold_=float(
-                    cb.dynamic_threshold_), best_epoch_=int(cb.best_epoch_),
-                    best_model_weights_=cb.__dict__.get("best_model_weights_"))
-            if isinstance(getattr(cb, "best_score_", None), (int, float)):
-                entry["best_score_"] = float(cb.best_score_)
-            if callable(getattr(cb, "checkpoint_state", None)):
-                entry["state"] = cb.checkpoint_state()
-            if entry:
-                callbacks[name] = entry
         done = net.history.to_list()[:-1]  # the row of the epoch that is beginning is not done
         buffer = io.BytesIO()
         torch.save({
@@ -259,7 +230,8 @@ class TrainingCheckpoint(Callback):
             "module": net.module_.state_dict(),
             "optimizer": net.optimizer_.state_dict(),
             "history": json.dumps(done),
-            "callbacks": callbacks,
+            "callbacks": {name: _fitted_state(cb) for name, cb in net.callbacks_
+                          if cb is not self},
             "start_rng": self._start_rng,
             "rng": capture_rng(),
         }, buffer)
@@ -279,6 +251,38 @@ class TrainingCheckpoint(Callback):
         self.path_ = None
 
 
+def _fitted_state(callback: Any) -> dict[str, Any]:
+    """A callback's fitted attributes (``name_``) that a file can hold without pickle."""
+    state: dict[str, Any] = {}
+    for name, value in vars(callback).items():
+        if not name.endswith("_") or name.startswith("_"):
+            continue
+        if not isinstance(value, type) and callable(getattr(value, "state_dict", None)):
+            state[name] = {"state_dict": value.state_dict()}
+        elif isinstance(value, (bool, np.bool_, str)):
+            state[name] = {"value": value if isinstance(value, str) else bool(value)}
+        elif isinstance(value, (int, float, np.integer, np.floating)):  # NumPy's as Python's
+            state[name] = {"value": value.item() if isinstance(value, np.generic) else value}
+        elif value is None or isinstance(value, torch.Tensor) or (
+                isinstance(value, dict) and all(isinstance(v, torch.Tensor)
+                                                for v in value.values())):
+            state[name] = {"value": value}
+    return state
+
+
+def _restore_callbacks(net: Any, state: dict[str, Any]) -> None:
+    """Put back the callbacks' fitted state a checkpoint holds."""
+    saved = state["callbacks"]
+    for name, cb in net.callbacks_:
+        for attr, entry in saved.get(name, {}).items():
+            if "state_dict" in entry:
+                getattr(cb, attr).load_state_dict(entry["state_dict"])
+            else:
+                setattr(cb, attr, entry["value"])
+    # building a scheduler with last_epoch > -1 stepped the learning rates: put them back
+    net.optimizer_.load_state_dict(state["optimizer"])
+
+
 def _is_checkpoint(path: Path) -> bool:
     """Does ``path`` begin as :meth:`TrainingCheckpoint._save` writes (reading a few bytes)?"""
     try:
@@ -292,7 +296,11 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _completed(net: Any) -> bool:
-    """All epochs ran, or early stopping ended the training (not a user's Ctrl-C)."""
+    """All epochs ran, or early stopping ended the training (not a user's Ctrl-C).
+
+    Early stopping leaves its count of epochs without improvement (its fitted
+    ``misses_``) at its ``patience``; a Ctrl-C does not.
+    """
     if len(net.history) >= net.max_epochs:
         return True
     return any(isinstance(cb, EarlyStopping) and cb.misses_ == cb.patience

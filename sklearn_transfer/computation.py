@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from sklearn_transfer.backbones import Backbone, get_backbone
-from sklearn_transfer.identity import digest, fingerprint
+from sklearn_transfer.identity import digest
+from sklearn_transfer.identity import fingerprint as network_fingerprint
 from sklearn_transfer.preprocessing import DataConfig, tta_views
 
 __all__ = ["CODES_VERSION", "POOLINGS", "CodesComputation", "CodesExtractor"]
@@ -196,8 +197,8 @@ class CodesComputation:
     @classmethod
     def of(cls, network: Backbone, stages: Sequence[int], pooling: str = "avg",
            relu: bool = True, tta: bool = False, precision: str = "float32",
-           engine: str = "torch",
-           backbone: str | None = None, weights: str | None = None) -> CodesComputation:
+           engine: str = "torch", backbone: str | None = None,
+           weights: str | None = None, fingerprint: str | None = None) -> CodesComputation:
         """The computation of ``network``'s codes as it is now.
 
         Parameters
@@ -212,6 +213,10 @@ class CodesComputation:
             The name and weights (``"pretrained"`` or a file) ``network`` was
             built from, if any: a worker given the computation can then build
             the network itself. Without them the computation holds ``network``.
+        fingerprint : str, optional
+            ``network``'s fingerprint when it is known already (a shared
+            pretrained network's, see
+            :func:`~sklearn_transfer.backbones.shared_pretrained`).
         """
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
@@ -228,7 +233,7 @@ class CodesComputation:
             stage_names=tuple(network.stage_names),
             widths=tuple(network.widths),
             data_config=network.data_config,
-            fingerprint=fingerprint(network),
+            fingerprint=fingerprint if fingerprint is not None else network_fingerprint(network),
             packages=_defining_packages(network),
         )
 

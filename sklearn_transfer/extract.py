@@ -8,10 +8,17 @@ to a directory, one Parquet file per partition of the input;
 
 The directory
 -------------
-``manifest.json``
-    The computation (its :attr:`~sklearn_transfer.CodesComputation.key`
+Every Parquet reader opens it as it is (``pandas.read_parquet(out)``,
+``pyarrow.dataset.dataset(out)``, ``dask.dataframe.read_parquet(out)``,
+DuckDB's and Polars' ``out/*.parquet``): the job's own file starts with
+``_``, which those readers skip, as Hive, Spark and Arrow do.
+
+``_manifest.json``
+    The format tag, the computation (its :attr:`~sklearn_transfer.CodesComputation.key`
     and description), the number of images, the partition size, and a
     SHA-256 of the image list and labels: what makes a rerun the *same* job.
+    It is created exclusively, so two jobs started together into one empty
+    directory cannot both claim it.
 ``part-{index:05d}-{key[:16]}.parquet``
     Rows ``index * partition_size`` onwards, in input order, with columns
 
@@ -24,8 +31,10 @@ The directory
     * ``codes`` (fixed_size_list<float32>[n_features]; null for a failed image);
     * ``error`` (string): null, or why the image has no codes.
 
-    Each file's schema metadata holds the computation key and its number of
-    failed images.
+    Each file's schema metadata says where it belongs: the computation key,
+    the job's digest, its first index and number of rows, its number of
+    failed images, and a digest of its image files' paths, sizes and
+    modification times when it was computed.
 
 Images and URLs
 ---------------
@@ -68,7 +77,10 @@ partition has one file name, so no row is ever written twice. Partitions are
 fixed by the input and ``partition_size``, which the manifest records: a
 rerun with another image list, other labels, another partition size or
 another computation is refused instead of mixing two jobs in one dataset.
-Temporary files of a run killed mid-write are removed by a later run.
+A rerun also recomputes the partitions whose image files changed since
+(size or modification time), and sets aside, with a warning naming them,
+partition files that are damaged or do not belong where they sit (another
+index, another job); temporary files of a run killed mid-write are removed.
 
 On a cluster, a worker that dies mid-task (killed, out of memory) loses at
 most the partition it was writing: Dask runs the task again on another
@@ -81,7 +93,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -115,8 +129,16 @@ from sklearn_transfer.runtime import Runtime, usable_cores
 __all__ = ["ExtractedCodes", "ExtractionSummary", "Failure", "extract_codes", "iter_codes",
            "read_codes"]
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
 _AGAIN = "extract the codes again into another directory"
+_RECOVER = ("run the same extract_codes call again: it sets damaged partitions aside and "
+            "computes them again")
+#: what a manifest holds, and of which type (a damaged or edited one is named, not trusted)
+_MANIFEST_FIELDS = {"format": str, "computation": str, "description": dict, "n_features": int,
+                    "n_images": int, "partition_size": int, "images_sha256": str,
+                    "labels": bool}
+#: how long extract_codes(client=...) waits for a worker before saying the cluster has none
+WORKER_WAIT_S = 30.0
 #: a running job's temporary file lives for the seconds one write takes; older ones are debris
 STALE_TMP_S = 600
 
@@ -289,31 +311,13 @@ def extract_codes(
     """
     started = time.perf_counter()
     paths = _list_images(images)
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or len(labels) != len(paths):
-            raise ValueError(f"labels must be 1-D with one label per image ({len(paths)}); got "
-                             f"shape {labels.shape}")
-    if isinstance(partition_size, bool) or not isinstance(partition_size, (int, np.integer)) \
-            or partition_size < 1:
-        raise ValueError(f"partition_size must be a positive integer; got {partition_size!r}")
-    if progress not in (True, False, "auto"):
-        raise ValueError(f"progress must be True, False or 'auto'; got {progress!r}")
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}")
-    if client is not None and not isinstance(client, _import_distributed().Client):
-        raise TypeError(f"client must be a dask.distributed.Client or None; got "
-                        f"{type(client).__name__}")
-    if transformer is None:
-        transformer = CNNFeatureTransformer()
-    if not isinstance(transformer, CNNFeatureTransformer):
-        raise TypeError(f"transformer must be a CNNFeatureTransformer; got "
-                        f"{type(transformer).__name__}")
-    if not hasattr(transformer, "computation_"):
-        transformer = clone(transformer).fit()  # the caller's estimator stays unfitted
+    labels = _check_labels(labels, len(paths))
+    _check_options(partition_size, progress, on_error, retry_failed)
+    if client is not None:
+        _check_client(client)
+    transformer = _fitted(transformer)
     computation = transformer.computation_
-    out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_directory(out)
     manifest = {
         "format": format_tag("codes-dataset"),
         "computation": computation.key,
@@ -324,42 +328,138 @@ def extract_codes(
         "images_sha256": data_digest(paths, labels, files="path"),
         "labels": labels is not None,
     }
-    _check_or_write_manifest(out, manifest)
-    for tmp in out.glob(".part-*.tmp"):  # left by a run killed mid-write
-        with contextlib.suppress(OSError):  # (or removed by another run meanwhile)
-            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
-                tmp.unlink()
-
-    starts = range(0, len(paths), partition_size)
-    todo, kept_failed = [], 0
-    for i, start in enumerate(starts):
-        part = out / _part_name(i, computation.key)
-        failed = _n_failed(part) if part.exists() else None
-        if failed is None or (retry_failed and failed):
-            todo.append((i, start))
-        else:
-            kept_failed += failed
+    _claim(out, manifest)
+    todo, kept_failed = _plan(out, manifest, paths, retry_failed)
     missing = sum(min(partition_size, len(paths) - start) for _, start in todo)
-    bar = progress_bar(progress, missing)
     jobs = [(i, paths[s: s + partition_size],
              None if labels is None else labels[s: s + partition_size], s) for i, s in todo]
     cache = as_feature_cache(transformer.memory)
-    settings = _Settings(computation, str(transformer.device), transformer.batch_size,
-                         transformer.num_workers, None if cache is None else cache.directory)
-    done = _Done(bar)
-    with bar:
+    settings = _Settings(computation, manifest["images_sha256"], str(transformer.device),
+                         transformer.batch_size, transformer.num_workers,
+                         None if cache is None else cache.directory)
+    with progress_bar(progress, missing) as bar:
+        done = _Done(bar)
         if client is None:
             for job in jobs:
                 done(_write_partition(settings, str(out), *job, on_error))
         else:
             _run_on_cluster(client, settings, str(out), jobs, on_error, done)
     if done.failed:
-        first = done.first_error
         warnings.warn(f"{done.failed} of {missing} images could not be read and have no codes "
-                      f"(the first: {first}); they are listed in read_codes(out).failures; "
-                      "on_error='raise' stops at the first one instead", stacklevel=2)
-    return ExtractionSummary(out, len(paths), len(starts), len(todo), missing,
+                      f"(the first: {done.first_error}); they are listed in "
+                      "read_codes(out).failures; on_error='raise' stops at the first one "
+                      "instead", stacklevel=2)
+    n_partitions = -(-len(paths) // partition_size)
+    return ExtractionSummary(out, len(paths), n_partitions, len(todo), missing,
                              time.perf_counter() - started, kept_failed + done.failed)
+
+
+def _check_labels(labels: Any, n_images: int) -> np.ndarray | None:
+    """The labels as an array Parquet can store, one per image, of one kind, before any work."""
+    import pyarrow as pa
+
+    if labels is None:
+        return None
+    if not isinstance(labels, np.ndarray) or labels.dtype == object:
+        kinds = {"text" if isinstance(v, str) else "number" if isinstance(v, numbers.Number)
+                 else type(v).__name__ for v in labels}
+        if {"text", "number"} <= kinds:
+            raise ValueError(f"labels mix strings and numbers ({sorted(kinds)}); an array would "
+                             "turn the numbers into text: give labels of one kind")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n_images:
+        raise ValueError(f"labels must be 1-D with one label per image ({n_images}); got "
+                         f"shape {labels.shape}")
+    try:
+        pa.array(labels)
+    except (pa.ArrowException, OverflowError, TypeError) as exc:
+        index = next((i for i, v in enumerate(labels) if not _storable(v)), None)
+        where = "" if index is None else f" (labels[{index}] = {labels[index]!r})"
+        raise ValueError(f"labels cannot be stored in Parquet{where}: {exc}") from None
+    return labels
+
+
+def _storable(value: Any) -> bool:
+    import pyarrow as pa
+
+    try:
+        pa.array([value])
+    except (pa.ArrowException, OverflowError, TypeError):
+        return False
+    return True
+
+
+def _check_options(partition_size: Any, progress: Any, on_error: Any, retry_failed: Any) -> None:
+    if isinstance(partition_size, bool) or not isinstance(partition_size, (int, np.integer)) \
+            or partition_size < 1:
+        raise ValueError(f"partition_size must be a positive integer; got {partition_size!r}")
+    if progress not in (True, False, "auto"):
+        raise ValueError(f"progress must be True, False or 'auto'; got {progress!r}")
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}")
+    if not isinstance(retry_failed, (bool, np.bool_)):
+        raise ValueError(f"retry_failed must be True or False; got {retry_failed!r}")
+
+
+def _fitted(transformer: Any) -> CNNFeatureTransformer:
+    if transformer is None:
+        transformer = CNNFeatureTransformer()
+    if not isinstance(transformer, CNNFeatureTransformer):
+        raise TypeError(f"transformer must be a CNNFeatureTransformer; got "
+                        f"{type(transformer).__name__}")
+    if not hasattr(transformer, "computation_"):
+        transformer = clone(transformer).fit()  # the caller's estimator stays unfitted
+    return transformer
+
+
+def _output_directory(out: str | os.PathLike) -> Path:
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file, not a directory; name a directory for "
+                         "the codes dataset")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"out={str(out)!r} cannot be created: {exc.strerror}") from None
+    return out
+
+
+def _plan(out: Path, manifest: dict, paths: list[str],
+          retry_failed: bool) -> tuple[list[tuple[int, int]], int]:
+    """The partitions to compute ``(index, start)``, and the failed images of the others.
+
+    Missing partitions are computed; so are those whose image files changed
+    since, and those failing their checks, set aside with a warning.
+    """
+    for tmp in out.glob(".part-*.tmp"):  # left by a run killed mid-write
+        with contextlib.suppress(OSError):  # (or removed by another run meanwhile)
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+    size, todo, kept_failed, changed = manifest["partition_size"], [], 0, []
+    for i, start in enumerate(range(0, len(paths), size)):
+        part = out / _part_name(i, manifest["computation"])
+        state, failed = _partition_state(part, manifest, start, paths[start: start + size])
+        if state == "ok" and not (retry_failed and failed):
+            kept_failed += failed
+            continue
+        todo.append((i, start))
+        if state == "changed":
+            changed.append(part.name)
+        elif state not in ("ok", "missing"):
+            _set_aside(part, state)
+    if changed:
+        warnings.warn(f"the image files of {len(changed)} partitions changed since they were "
+                      f"computed ({changed[0]}, ...): computing them again", stacklevel=3)
+    return todo, kept_failed
+
+
+def _set_aside(part: Path, reason: str) -> None:
+    """Move a partition file that cannot be trusted out of the readers' way, warning."""
+    target = part.with_name(f".damaged-{time.time_ns()}-{part.name}")
+    with contextlib.suppress(OSError):
+        part.rename(target)
+    warnings.warn(f"{str(part)!r} {reason}; it was moved to {target.name!r} and is computed "
+                  "again", RuntimeWarning, stacklevel=4)
 
 
 class _Done:
@@ -440,11 +540,31 @@ def _describe(description: dict, key: str) -> str:
 
 
 def _read_manifest(out: Path) -> dict:
+    """The dataset's manifest, checked to be this release's format and whole."""
+    path = out / MANIFEST
     try:
-        return json.loads((out / MANIFEST).read_text())
+        text = path.read_text()
     except FileNotFoundError:
+        if (out / "manifest.json").is_file():  # written by a release before the format tags
+            raise ValueError(f"{str(out)!r} holds a codes dataset of an older format, which "
+                             f"this version does not read; {_AGAIN}") from None
         raise FileNotFoundError(f"{str(out)!r} holds no codes dataset (no {MANIFEST}); write "
                                 "one with sklearn_transfer.extract_codes") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{str(path)!r} is damaged (not a JSON object); restore it, or "
+                         f"{_AGAIN}")
+    check_format("codes-dataset", manifest.get("format"), out, _AGAIN)
+    for field, kind in _MANIFEST_FIELDS.items():
+        value = manifest.get(field)
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value
+                                                            < (field != "n_images"))):
+            raise ValueError(f"{str(path)!r} is damaged: its {field!r} is {value!r}; restore "
+                             f"it, or {_AGAIN}")
+    return manifest
 
 
 def _check_computation(stored: dict, key: str, description: dict, out: Path) -> None:
@@ -455,16 +575,34 @@ def _check_computation(stored: dict, key: str, description: dict, out: Path) -> 
             f"{_describe(description, key)}; use another directory for these codes")
 
 
-def _check_or_write_manifest(out: Path, manifest: dict) -> None:
-    if not (out / MANIFEST).exists():
+def _create_exclusively(path: Path, text: str) -> None:
+    """Write ``path`` whole unless it exists: of two jobs started together, one claims it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:  # a hard link appears whole, and fails where the name exists
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: exclusive, if not atomic
+            with contextlib.suppress(FileExistsError), open(path, "x") as fh:
+                fh.write(text)
+    finally:
+        os.unlink(tmp)
+
+
+def _claim(out: Path, manifest: dict) -> None:
+    """Make ``out`` this job's: create its manifest exclusively, or check the one there."""
+    path = out / MANIFEST
+    if not path.exists():
         if any(out.glob("part-*.parquet")):
             raise ValueError(f"{str(out)!r} holds Parquet partitions but no {MANIFEST}; "
                              "use an empty directory")
-        with atomic_write(out / MANIFEST) as tmp:
-            Path(tmp).write_text(json.dumps(manifest, indent=1))
-        return
+        _create_exclusively(path, json.dumps(manifest, indent=1))
     stored = _read_manifest(out)
-    check_format("codes-dataset", stored.get("format"), out, _AGAIN)
     _check_computation(stored, manifest["computation"], manifest["description"], out)
     for field, what in [("n_images", "number of images"), ("partition_size", "partition_size"),
                         ("images_sha256", "image list or labels")]:
@@ -522,6 +660,7 @@ class _Settings(NamedTuple):
     """How a partition's codes are computed: what a task needs besides its images."""
 
     computation: CodesComputation
+    job: str  # the manifest's digest of the image list and labels
     device: str
     batch_size: int
     num_workers: int
@@ -582,21 +721,53 @@ def _write_partition(settings: _Settings, out: str, index: int,
         pa.array(codes.ravel(), pa.float32()), codes.shape[1],
         mask=pa.array(failed) if any(failed) else None)
     columns["error"] = pa.array(errors, pa.string())
-    table = pa.table(columns).replace_schema_metadata(
-        {"sklearn_transfer.computation": computation.key,
-         "sklearn_transfer.n_failed": str(sum(failed))})
-    with atomic_write(Path(out) / _part_name(index, computation.key)) as tmp:
-        # dictionaries pay for repeated labels only, never for unique paths or floats
-        pq.write_table(table, tmp, use_dictionary=["label"] if labels is not None else False)
+    table = pa.table(columns).replace_schema_metadata({
+        "sklearn_transfer.computation": computation.key,
+        "sklearn_transfer.job": settings.job,
+        "sklearn_transfer.start": str(start),
+        "sklearn_transfer.rows": str(len(paths)),
+        "sklearn_transfer.n_failed": str(sum(failed)),
+        "sklearn_transfer.images": data_digest(paths, files="stat"),
+    })
+    name = Path(out) / _part_name(index, computation.key)
+    try:
+        with atomic_write(name) as tmp:
+            # dictionaries pay for repeated labels only, never for unique paths or floats
+            pq.write_table(table, tmp, use_dictionary=["label"] if labels is not None else False)
+    except OSError as exc:  # a full disk, a lost mount: the file, not pyarrow's words
+        raise OSError(exc.errno, f"could not write the partition {str(name)!r}: "
+                                 f"{exc.strerror or exc}") from None
     return len(paths), sum(failed), next((e for e in errors if e is not None), None)
 
 
-def _n_failed(part: Path) -> int:
-    """The failed images of a partition file, from its footer (its rows are not read)."""
+def _partition_state(part: Path, manifest: dict, start: int,
+                     images: list[str] | None = None) -> tuple[str, int]:
+    """``("ok", n_failed)``, ``("missing", 0)``, ``("changed", 0)`` or (what is wrong, 0).
+
+    A partition proves where it belongs by its footer (this job, this
+    computation, its first index and number of rows, read without its rows);
+    with ``images``, its image files must not have changed since.
+    """
     import pyarrow.parquet as pq
 
-    metadata = pq.read_schema(part).metadata or {}
-    return int(metadata.get(b"sklearn_transfer.n_failed", b"0"))
+    if not part.exists():
+        return "missing", 0
+    try:
+        found = {k.decode(): v.decode() for k, v in (pq.read_schema(part).metadata or {}).items()
+                 if k.startswith(b"sklearn_transfer.")}
+    except Exception as exc:  # pyarrow's errors for cut, garbage or empty files
+        return f"cannot be read as Parquet ({type(exc).__name__}: {exc})", 0
+    n = min(manifest["partition_size"], manifest["n_images"] - start)
+    expected = {"computation": manifest["computation"], "job": manifest["images_sha256"],
+                "start": str(start), "rows": str(n)}
+    for field, value in expected.items():
+        if found.get(f"sklearn_transfer.{field}") != value:
+            return (f"does not belong here (its {field} is "
+                    f"{found.get(f'sklearn_transfer.{field}')!r}, not {value!r})"), 0
+    if images is not None and found.get("sklearn_transfer.images") != data_digest(
+            images, files="stat"):
+        return "changed", 0
+    return "ok", int(found.get("sklearn_transfer.n_failed", 0))
 
 
 # ------------------------------------------------------------------------------ on Dask
@@ -609,6 +780,24 @@ def _import_distributed() -> Any:
             f"extract_codes(client=...) needs dask.distributed ({exc}); install it with "
             "pip install 'sklearn-transfer[dask]', or pass client=None") from None
     return distributed
+
+
+def _check_client(client: Any) -> None:
+    """A client that can run the job now: open, with a worker, within a bounded wait."""
+    distributed = _import_distributed()
+    if not isinstance(client, distributed.Client):
+        raise TypeError(f"client must be a dask.distributed.Client or None; got "
+                        f"{type(client).__name__}")
+    if client.status != "running":
+        raise ValueError(f"client={client!r} is {client.status}: connect a new "
+                         "dask.distributed.Client, or pass client=None")
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except Exception as exc:  # distributed's timeouts and closed comms
+        reason = f" ({type(exc).__name__}: {exc})" if str(exc) else ""
+        raise ValueError(f"client={client!r} has no worker to run the partitions: none "
+                         f"joined within {WORKER_WAIT_S:g} s{reason}; start workers, or pass "
+                         "client=None") from None
 
 
 def _engine_threads(client: Any) -> dict[str, int]:
@@ -699,11 +888,12 @@ class ExtractedCodes:
     failures: tuple[Failure, ...] = ()
 
 
-def _open_dataset(out: str | os.PathLike, computation: Any) -> tuple[dict, list[Path]]:
-    """The manifest and the partition files, in order, checked complete and of one job."""
+def _open_dataset(out: str | os.PathLike, computation: Any) -> tuple[dict, Any]:
+    """The manifest and a ``pyarrow.dataset`` of its partitions, in order, each checked."""
+    import pyarrow.dataset as ds
+
     out = Path(out).expanduser().resolve()
     manifest = _read_manifest(out)
-    check_format("codes-dataset", manifest.get("format"), out, _AGAIN)
     if computation is not None:
         if isinstance(computation, CNNFeatureTransformer):
             if not hasattr(computation, "computation_"):
@@ -713,23 +903,25 @@ def _open_dataset(out: str | os.PathLike, computation: Any) -> tuple[dict, list[
             raise TypeError(f"computation must be a CNNFeatureTransformer or a "
                             f"CodesComputation; got {type(computation).__name__}")
         _check_computation(manifest, computation.key, computation.describe(), out)
-    key = manifest["computation"]
-    n_parts = -(-manifest["n_images"] // manifest["partition_size"])
-    files = [out / _part_name(i, key) for i in range(n_parts)]
-    missing = [f.name for f in files if not f.exists()]
+    size, key = manifest["partition_size"], manifest["computation"]
+    files, missing = [], []
+    for i, start in enumerate(range(0, manifest["n_images"], size)):
+        part = out / _part_name(i, key)
+        state, _ = _partition_state(part, manifest, start)
+        if state == "missing":
+            missing.append(part.name)
+        elif state != "ok":
+            raise ValueError(f"{str(part)!r} {state}; {_RECOVER}")
+        files.append(str(part))
     if missing:
-        raise ValueError(f"{str(out)!r} is incomplete: {len(missing)} of {n_parts} partitions "
-                         f"missing ({missing[0]}, ...); run the same extract_codes call again "
-                         "to finish it")
-    return manifest, files
+        raise ValueError(f"{str(out)!r} is incomplete: {len(missing)} of {len(files)} "
+                         f"partitions missing ({missing[0]}, ...); run the same extract_codes "
+                         "call again to finish it")
+    return manifest, ds.dataset(files, format="parquet")
 
 
-def _batch_to_codes(batch: Any, manifest: dict, name: str) -> ExtractedCodes:
-    stored = (batch.schema.metadata or {}).get(b"sklearn_transfer.computation", b"").decode()
-    if stored != manifest["computation"]:
-        raise ValueError(f"{name} holds codes of computation {stored[:12] or 'unknown'}…, "
-                         f"not the dataset's {manifest['computation'][:12]}…; it does not "
-                         "belong in this directory")
+def _batch_to_codes(batch: Any, manifest: dict) -> ExtractedCodes:
+    """A table or record batch of partitions -> the codes of its good images, its failures."""
     failures: tuple[Failure, ...] = ()
     error = batch.column("error")
     if error.null_count < len(batch):  # rows of failed images: out of the codes
@@ -741,7 +933,6 @@ def _batch_to_codes(batch: Any, manifest: dict, name: str) -> ExtractedCodes:
             rows.column("index").to_pylist(), rows.column("path").to_pylist(),
             rows.column("error").to_pylist(), strict=True))
         batch = batch.filter(pc.invert(failed))
-    width = manifest["n_features"]
     codes = batch.column("codes")
     if hasattr(codes, "combine_chunks"):
         codes = codes.combine_chunks()
@@ -749,7 +940,7 @@ def _batch_to_codes(batch: Any, manifest: dict, name: str) -> ExtractedCodes:
     return ExtractedCodes(
         paths=batch.column("path").to_numpy(zero_copy_only=False),
         keys=batch.column("key").to_numpy(zero_copy_only=False),
-        codes=values.reshape(len(batch), width),
+        codes=values.reshape(len(batch), manifest["n_features"]),
         labels=(batch.column("label").to_numpy(zero_copy_only=False)
                 if manifest["labels"] else None),
         computation=manifest["computation"],
@@ -778,41 +969,21 @@ def read_codes(out: str | os.PathLike, computation: Any = None) -> ExtractedCode
 
     Notes
     -----
-    Files are memory-mapped and decoded by pyarrow into one preallocated
-    float32 array, so the codes take their size in memory once. For codes
-    larger than memory, stream them with :func:`iter_codes`.
+    The partitions are read as one ``pyarrow.dataset``; the codes take their
+    size in memory about once. For codes larger than memory, stream them
+    with :func:`iter_codes`.
 
     Examples
     --------
     See :func:`extract_codes` and :func:`iter_codes`.
     """
-    import pyarrow.parquet as pq
-
-    manifest, files = _open_dataset(out, computation)
-    n_failed = sum(_n_failed(f) for f in files)  # footers only: to allocate the codes once
-    n = manifest["n_images"] - n_failed
-    codes = np.empty((n, manifest["n_features"]), dtype=np.float32)
-    parts, pos = [], 0
-    for f in files:
-        part = _batch_to_codes(pq.read_table(f, memory_map=True), manifest, f.name)
-        if pos + len(part.codes) > n:
-            raise ValueError(f"{f.name} holds more rows than the dataset has images")
-        codes[pos: pos + len(part.codes)] = part.codes
-        pos += len(part.codes)
-        parts.append(part)
-    if pos != n or sum(len(p.failures) for p in parts) != n_failed:
-        raise ValueError(f"{str(out)!r} holds {pos} rows of codes and "
-                         f"{sum(len(p.failures) for p in parts)} failures for "
-                         f"{manifest['n_images']} images; it is damaged")
-    return ExtractedCodes(
-        paths=np.concatenate([p.paths for p in parts]),
-        keys=np.concatenate([p.keys for p in parts]),
-        codes=codes,
-        labels=np.concatenate([p.labels for p in parts]) if manifest["labels"] else None,
-        computation=manifest["computation"],
-        indices=np.concatenate([p.indices for p in parts]),
-        failures=tuple(f for p in parts for f in p.failures),
-    )
+    manifest, dataset = _open_dataset(out, computation)
+    codes = _batch_to_codes(dataset.to_table(), manifest)
+    if len(codes.indices) + len(codes.failures) != manifest["n_images"]:
+        raise ValueError(f"{os.fspath(out)!r} holds {len(codes.indices)} rows of codes and "
+                         f"{len(codes.failures)} failures for {manifest['n_images']} images; "
+                         f"it is damaged: {_RECOVER}")
+    return codes
 
 
 def iter_codes(out: str | os.PathLike, computation: Any = None, *,
@@ -861,19 +1032,13 @@ def iter_codes(out: str | os.PathLike, computation: Any = None, *,
     >>> clf.predict(batch.codes).shape
     (1,)
     """
-    import pyarrow.parquet as pq
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-    manifest, files = _open_dataset(out, computation)  # checked now, not at the first batch
+    manifest, dataset = _open_dataset(out, computation)  # checked now, not at the first batch
 
     def batches() -> Iterator[ExtractedCodes]:
-        for f in files:
-            with pq.ParquetFile(f, memory_map=True) as parquet:
-                metadata = parquet.schema_arrow.metadata
-                for batch in parquet.iter_batches(batch_size=batch_size):
-                    yield _batch_to_codes(batch.replace_schema_metadata(metadata), manifest,
-                                          f.name)
+        for batch in dataset.to_batches(batch_size=batch_size):  # in file order
+            yield _batch_to_codes(batch, manifest)
 
     return batches()

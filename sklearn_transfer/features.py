@@ -18,7 +18,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from sklearn_transfer.backbones import Backbone, get_backbone, resolve_stage
+from sklearn_transfer.backbones import (
+    BUILTIN,
+    Backbone,
+    get_backbone,
+    resolve_stage,
+    shared_pretrained,
+)
 from sklearn_transfer.batches import ImageDataset
 from sklearn_transfer.cache import FeatureCache, as_feature_cache
 from sklearn_transfer.codes import image_batches, progress_bar, run_engine
@@ -96,7 +102,10 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
     Attributes
     ----------
     backbone_ : Backbone
-        The network, on the CPU (a copy runs on ``device``).
+        The network, on the CPU (a copy runs on ``device``). A built-in
+        pretrained network is the process's one copy, shared by every
+        transformer (:func:`~sklearn_transfer.backbones.shared_pretrained`):
+        do not edit it in place.
     computation_ : CodesComputation
         Everything that decides the codes, resolved at ``fit``: network
         fingerprint, stages, pooling, ReLU, preprocessing, and the engine and
@@ -198,11 +207,16 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
         stages = self.stage if isinstance(self.stage, (list, tuple)) else [self.stage]
         if len(stages) == 0:
             raise ValueError("stage=[] selects no stage; give at least one")
-        backbone = self.backbone
+        backbone, known = self.backbone, None
         if isinstance(backbone, nn.Module):
             # the user's module must not be moved or mutated behind their back
             backbone = copy.deepcopy(backbone)
-        network = get_backbone(backbone, weights=self.weights).eval()
+        if isinstance(backbone, str) and backbone in BUILTIN and isinstance(
+                self.weights, str) and self.weights == "pretrained":
+            # fixed, checksummed weights the codes never change: one network per process
+            network, known = shared_pretrained(backbone)
+        else:
+            network = get_backbone(backbone, weights=self.weights).eval()
         try:
             resolved = [resolve_stage(s, network.stage_names, network.name) for s in stages]
         except (ValueError, TypeError) as exc:
@@ -224,7 +238,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
             precision=runtime.precision,
             engine=resolve_engine(self.engine, runtime),
             backbone=self.backbone if named else None,
-            weights=os.fspath(self.weights) if named else None,
+            weights=os.fspath(self.weights) if named else None, fingerprint=known,
         )
         directory = None if cache is None else cache.directory
         try:
@@ -254,7 +268,7 @@ class CNNFeatureTransformer(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray of float32, shape (n_samples, n_features_out_)
+        ndarray of float32, shape (n_samples, ``n_features_out_``)
         """
         check_is_fitted(self)
         self._validate_params()  # set_params after fit is checked where it is used

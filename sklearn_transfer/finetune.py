@@ -4,26 +4,14 @@
 callbacks, ``history_``, routed parameters (``module__head_dropout``,
 ``optimizer__weight_decay``, ``iterator_train__num_workers``,
 ``callbacks__early_stopping__patience``) and the printed epoch table work as
-skorch users know them. What it adds:
-
-* the network: a :class:`~sklearn_transfer.Backbone` whose ImageNet classifier
-  is replaced by a fresh head for the classes of ``y`` (:class:`FineTuneModule`);
-* ``freeze_depth``: the first stages get no gradients, are never handed to
-  the optimizer and keep their BatchNorm statistics (evaluation mode, re-applied
-  after every ``module.train()`` call);
-* images in (paths, PIL, arrays, tensors, as :class:`CNNFeatureTransformer`),
-  augmented for training and plainly resized for validation and prediction with
-  the backbone's own preprocessing;
-* any labels scikit-learn accepts, or a multi-label 0/1 indicator matrix
-  (one sigmoid per label), a default recipe that works out of the box
-  (AdamW, a smaller learning rate for pretrained layers, cosine schedule, early
-  stopping with the best validation weights restored), ``random_state``, and
-  crash-safe training (:class:`~sklearn_transfer.checkpoint.TrainingCheckpoint`);
-* the knobs of the modern fine-tuning recipes, each off by default: label
-  smoothing (``criterion__label_smoothing``), MixUp/CutMix (``mixup``, timm's),
-  layer-wise learning-rate decay (``layer_decay``), a linear warm-up
-  (``warmup_epochs``), an average of the weights (``ema``, timm's
-  ``ModelEmaV3``) and test-time augmentation (``tta``).
+skorch users know them. It plugs into skorch's extension points: the network
+is :class:`~sklearn_transfer.network.FineTuneModule`, the data go through
+:class:`~sklearn_transfer.batches.ImageDataset` and
+:class:`~sklearn_transfer.batches.ImageLoader`, and the recipe's behaviour
+lives in callbacks (:mod:`sklearn_transfer.callbacks`,
+:class:`~sklearn_transfer.checkpoint.TrainingCheckpoint`). What this module
+adds is the estimator: labels of any kind (or a multi-label indicator
+matrix), ``freeze_depth``, the default recipe and its knobs as parameters.
 """
 
 from __future__ import annotations
@@ -32,14 +20,14 @@ import copy
 import inspect
 import numbers
 import os
-import warnings
-from collections.abc import Iterator
+from fnmatch import fnmatch
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 from sklearn.preprocessing import LabelBinarizer, LabelEncoder
 from sklearn.utils._param_validation import (
     Interval,
@@ -48,11 +36,10 @@ from sklearn.utils._param_validation import (
     validate_parameter_constraints,
 )
 from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.multiclass import type_of_target, unique_labels
 from sklearn.utils.validation import check_array, column_or_1d
 from skorch import NeuralNetClassifier
 from skorch.callbacks import (
-    Callback,
     EarlyStopping,
     EpochScoring,
     EpochTimer,
@@ -63,275 +50,28 @@ from skorch.callbacks import (
 from skorch.dataset import ValidSplit, unpack_data
 from skorch.utils import TeeGenerator, is_dataset, to_numpy
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from sklearn_transfer.backbones import Backbone, get_backbone
-from sklearn_transfer.batches import ImageDataset, collate_images, iterate_batches
-from sklearn_transfer.checkpoint import TrainingCheckpoint
-from sklearn_transfer.images import as_image_source
-from sklearn_transfer.preprocessing import DataConfig, augment_options, tta_views
-from sklearn_transfer.runtime import (
-    PRECISIONS,
-    Runtime,
-    actionable_oom,
-    resolve_device,
-    seed_worker,
-    seeded,
+from sklearn_transfer.batches import (
+    ImageDataset,
+    ImageLoader,
+    LoadFailure,
+    MixBatch,
+    collate_images,
 )
+from sklearn_transfer.callbacks import FiniteLoss, WeightEMA, warmup_schedule
+from sklearn_transfer.checkpoint import TrainingCheckpoint
+from sklearn_transfer.network import FineTuneModule, resolve_freeze_depth
+from sklearn_transfer.preprocessing import augment_options, tta_views
+from sklearn_transfer.runtime import PRECISIONS, Runtime, actionable_oom, seeded
 
-__all__ = ["DEFAULT_DEVICE", "FineTuneModule", "FineTunedClassifier", "FiniteLoss",
-           "WeightEMA", "resolve_freeze_depth", "warmup_schedule"]
+__all__ = ["DEFAULT_DEVICE", "FineTunedClassifier"]
 
-#: CUDA when a GPU is visible, else the CPU: the classifier's default device.
+#: CUDA when a GPU is visible, else the CPU: the classifier's default device. skorch moves
+#: the network, criterion, batches and loaded parameters to ``device`` itself, so it is a
+#: plain device rather than ``"auto"``.
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ----------------------------------------------------------------------- the network
-
-
-def resolve_freeze_depth(freeze_depth: int | str, backbone: Backbone) -> int:
-    """Number of leading stages of ``backbone`` that ``freeze_depth`` freezes.
-
-    Parameters
-    ----------
-    freeze_depth : int or "all"
-        ``0`` freezes nothing, ``k`` the first ``k`` stages, ``"all"`` (or the
-        number of stages) the whole backbone; a negative ``-k`` leaves the last
-        ``k`` stages trainable.
-    backbone : Backbone
-
-    Returns
-    -------
-    int
-
-    Examples
-    --------
-    >>> from torch import nn
-    >>> from sklearn_transfer import Backbone, DataConfig
-    >>> from sklearn_transfer.finetune import resolve_freeze_depth
-    >>> net = Backbone([("a", nn.Conv2d(3, 4, 3)), ("b", nn.Conv2d(4, 4, 3))], DataConfig(32))
-    >>> resolve_freeze_depth("all", net), resolve_freeze_depth(-1, net)
-    (2, 1)
-    """
-    n = backbone.num_stages
-    if isinstance(freeze_depth, str) and freeze_depth == "all":
-        return n
-    if isinstance(freeze_depth, numbers.Integral) and not isinstance(freeze_depth, bool):
-        depth = int(freeze_depth)
-        if -n <= depth <= n:
-            return depth % n if depth < 0 else depth
-    raise ValueError(
-        f"freeze_depth={freeze_depth!r} is not valid for backbone {backbone.name}, which has "
-        f"{n} stages {backbone.stage_names}: use an int from 0 (train everything) to {n} "
-        f"(freeze every stage), a negative int down to -{n} (-k keeps the last k stages "
-        "trainable) or 'all' (train the new head only)"
-    )
-
-
-class FineTuneModule(nn.Module):
-    """A backbone with a new classification head, its first stages frozen.
-
-    Frozen stages have ``requires_grad=False`` and stay in evaluation mode
-    (BatchNorm running statistics untouched, dropout off) even when the module
-    is switched to training mode, as skorch does every epoch.
-
-    Parameters
-    ----------
-    backbone : Backbone
-        Its ImageNet ``classifier`` is dropped: the new ``head`` replaces it.
-    n_classes : int
-    freeze_depth : int
-        Number of leading stages frozen (already resolved).
-    head_hidden : int or None, default=None
-        Width of an optional hidden layer (ReLU) in the head.
-    head_dropout : float in [0, 1), default=0.2
-        Dropout before each linear layer of the head.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from torch import nn
-    >>> from sklearn_transfer import Backbone, DataConfig
-    >>> from sklearn_transfer.finetune import FineTuneModule
-    >>> net = Backbone([("a", nn.Conv2d(3, 4, 3)), ("b", nn.BatchNorm2d(4))], DataConfig(32))
-    >>> module = FineTuneModule(net, n_classes=3, freeze_depth=1).train()
-    >>> module(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape
-    torch.Size([2, 3])
-    >>> net.stages[0].weight.requires_grad, net.stages[1].training
-    (False, True)
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        n_classes: int,
-        freeze_depth: int = 0,
-        head_hidden: int | None = None,
-        head_dropout: float = 0.2,
-    ) -> None:
-        validate_parameter_constraints(
-            {"head_hidden": [Interval(numbers.Integral, 1, None, closed="left"), None],
-             "head_dropout": [Interval(numbers.Real, 0, 1, closed="left")]},
-            {"head_hidden": head_hidden, "head_dropout": head_dropout},
-            caller_name=type(self).__name__,
-        )
-        super().__init__()
-        width = backbone.widths[-1]
-        backbone.classifier = None  # the ImageNet head is replaced, not trained
-        self.backbone = backbone
-        layers: list[nn.Module] = []
-        if head_hidden:
-            layers += [nn.Dropout(head_dropout), nn.Linear(width, head_hidden), nn.ReLU()]
-            width = head_hidden
-        layers += [nn.Dropout(head_dropout), nn.Linear(width, n_classes)]
-        self.head = nn.Sequential(*layers)
-        self.freeze_depth = int(freeze_depth)
-        for stage in self.frozen_stages():
-            for param in stage.parameters():
-                param.requires_grad_(False)
-        self.train(self.training)
-
-    def frozen_stages(self) -> list[nn.Module]:
-        return list(self.backbone.stages[: self.freeze_depth])
-
-    def train(self, mode: bool = True) -> FineTuneModule:
-        super().train(mode)
-        # frozen stages are a fixed function: their BatchNorm must neither use
-        # batch statistics nor update its running ones
-        for stage in self.frozen_stages():
-            stage.train(False)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.forward_features(x)
-        return self.head(self.backbone.forward_head(features, pre_logits=True))
-
-
-# ------------------------------------------------------------------------ helpers
-
-
-class _CheckedLoader:
-    """A DataLoader whose iteration raises a worker's image error in the caller."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def __iter__(self) -> Iterator:
-        return iterate_batches(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "loader":  # not yet set (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-
-class FiniteLoss(Callback):
-    """Stop training when a training batch's loss is not finite, naming the epoch.
-
-    A diverging fit (a learning rate too large for the network) otherwise
-    goes on with NaN weights and ends as a model that predicts one class.
-    """
-
-    def on_batch_end(self, net: Any, batch: Any = None, training: bool = False,
-                     loss: Any = None, **kwargs: Any) -> None:
-        if training and loss is not None and not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(
-                f"the training loss became {float(loss.detach())} in epoch "
-                f"{len(net.history)}: the fit diverged; use a smaller learning rate "
-                f"(lr={net.lr!r}, backbone_lr_mult={getattr(net, 'backbone_lr_mult', None)!r})")
-
-
-class WeightEMA(Callback):
-    """An exponential moving average of the weights, which replaces them when training ends.
-
-    After every training step, timm's :class:`timm.utils.ModelEmaV3` updates
-    ``ema = decay * ema + (1 - decay) * weights`` over the module's
-    parameters and floating-point buffers (BatchNorm statistics), starting
-    from the weights training starts with. Training and the validation
-    scores of each epoch use the trained weights; at the end of training
-    (after early stopping, or ``max_epochs``) the average is loaded into the
-    module, which ``predict`` then uses. The average averages over about
-    ``1 / (1 - decay)`` steps: keep that well below the number of training
-    steps (``max_epochs * n_train / batch_size``), or it stays close to
-    the starting weights and their fresh head.
-
-    :class:`~sklearn_transfer.checkpoint.TrainingCheckpoint` saves and
-    restores the average (``checkpoint_state`` / ``load_checkpoint_state``),
-    so a resumed fit ends with the same one.
-
-    Parameters
-    ----------
-    decay : float in (0, 1), default=0.99
-    """
-
-    def __init__(self, decay: float = 0.99) -> None:
-        self.decay = decay
-
-    def initialize(self) -> WeightEMA:
-        self.ema_: Any = None
-        return self
-
-    def on_train_begin(self, net: Any, **kwargs: Any) -> None:
-        from timm.utils import ModelEmaV3
-
-        self.ema_ = ModelEmaV3(net.module_, decay=self.decay)
-
-    def on_batch_end(self, net: Any, training: bool = False, **kwargs: Any) -> None:
-        if training and self.ema_ is not None:
-            self.ema_.update(net.module_)
-
-    def on_train_end(self, net: Any, **kwargs: Any) -> None:
-        if self.ema_ is not None:
-            net.module_.load_state_dict(self.ema_.module.state_dict())
-        self.ema_ = None  # a training-time copy of the network: not kept in the model
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor] | None:
-        return None if self.ema_ is None else self.ema_.module.state_dict()
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor] | None) -> None:
-        if state is not None and self.ema_ is not None:
-            self.ema_.module.load_state_dict(state)
-
-
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_epochs: int, max_epochs: int,
-                    cosine: bool = True, last_epoch: int = -1) -> Any:
-    """Linear learning-rate warm-up, then cosine annealing (or the full rate) per epoch.
-
-    Epoch ``e <= warmup_epochs`` trains at ``e / (warmup_epochs + 1)`` of each
-    group's rate (torch's ``LinearLR``), the next epochs at the full rate,
-    annealed over the remaining ``max_epochs - warmup_epochs`` epochs by
-    ``CosineAnnealingLR`` (joined with ``SequentialLR``) when ``cosine``.
-    A policy for skorch's ``LRScheduler``, which passes ``last_epoch``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sklearn_transfer.finetune import warmup_schedule
-    >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    >>> schedule = warmup_schedule(opt, warmup_epochs=2, max_epochs=4)
-    >>> lrs = []
-    >>> for _ in range(4):
-    ...     lrs.append(round(opt.param_groups[0]["lr"], 4))
-    ...     opt.step()
-    ...     schedule.step()
-    >>> lrs
-    [0.3333, 0.6667, 1.0, 0.5]
-    """
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
-    schedule: Any = LinearLR(optimizer, start_factor=1 / (warmup_epochs + 1), end_factor=1.0,
-                             total_iters=warmup_epochs)
-    if cosine:
-        anneal = CosineAnnealingLR(optimizer, T_max=max_epochs - warmup_epochs)
-        schedule = SequentialLR(optimizer, [schedule, anneal], milestones=[warmup_epochs])
-    with warnings.catch_warnings():  # stepping before optimizer.step() is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(last_epoch + 1):  # training continued (partial_fit): where it was
-            schedule.step()
-    return schedule
 
 
 # timm's Mixup options the classifier sets itself: from y, and from criterion__label_smoothing
@@ -388,6 +128,36 @@ class _ValidSplit(ValidSplit):
 
 # one shared default instance, as skorch's own (a split holds no fitted state)
 DEFAULT_TRAIN_SPLIT = _ValidSplit(0.2, stratified=True)
+
+
+def _check_class_weight(class_weight: Any) -> None:
+    """A dict of class weights holds finite positive numbers (NaN would train on NaN)."""
+    if not isinstance(class_weight, dict):
+        return
+    for label, weight in class_weight.items():
+        if not isinstance(weight, numbers.Real) or not np.isfinite(weight) or weight <= 0:
+            raise ValueError(f"class_weight[{label!r}]={weight!r}: a class weight must be a "
+                             "finite positive number")
+
+
+class _Views(torch.utils.data.Dataset):
+    """A dataset's images batched with their test-time augmentation views, view by view."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def collate(self, batch: list) -> Any:
+        collated = collate_images(batch)
+        if isinstance(collated, LoadFailure):
+            return collated
+        x, y = collated
+        return torch.cat(tta_views(x)), y  # one forward pass of every view
 
 
 # -------------------------------------------------------------------- the estimator
@@ -452,27 +222,18 @@ class FineTunedClassifier(NeuralNetClassifier):
     checkpoint_dir : str, path-like or None, default=None
         Makes ``fit`` survive a crash, through the
         :class:`~sklearn_transfer.checkpoint.TrainingCheckpoint` callback
-        (``checkpoint``). After every epoch the complete training state
-        (module, optimizer, history, the other callbacks' states and the
-        random states) is written to one file in this directory, atomically.
-        A later ``fit`` *of the same run* (same parameters, apart from
-        ``verbose`` and ``checkpoint_dir``, and the same ``X`` and ``y``)
-        finds it and resumes after the last completed epoch; on the CPU it
-        ends with exactly the weights, history and predictions of an
-        uninterrupted fit. The file is named after a SHA-256 of parameters and
-        data, so the folds and candidates of a grid search can share the
-        directory. It is deleted when ``fit`` completes, and kept when it is
-        interrupted (an exception, ``KeyboardInterrupt``, a killed process);
-        the files of other runs that no fit has written or resumed for 7 days
-        (``callbacks__checkpoint__max_age_days``) are deleted when a run opens
-        the directory. Image files in ``X`` are identified by path, size and
-        modification time. Only ``fit``
-        from scratch checkpoints; ``partial_fit`` and ``warm_start``
-        continuations do not. With ``num_workers > 0`` the training workers
-        are restarted every epoch (``persistent_workers`` defaults to False)
-        so that their random streams can be replayed. Custom callbacks' own
-        state is not saved, unless they have ``checkpoint_state()`` and
-        ``load_checkpoint_state(state)`` methods (as :class:`WeightEMA`).
+        (``checkpoint``): after every epoch the complete training state is
+        written to one file in this directory, atomically, and a later
+        ``fit`` *of the same run* (same parameters apart from ``verbose`` and
+        ``checkpoint_dir``, same ``X`` and ``y``; image files count by path,
+        size and modification time) resumes after the last completed epoch,
+        ending on the CPU exactly as an uninterrupted fit. Folds and
+        candidates of a grid search can share the directory. The file is
+        deleted when the fit completes; files of other runs untouched for 7
+        days are deleted (``callbacks__checkpoint__max_age_days``). Only fits
+        from scratch checkpoint. A callback of your own is saved with its
+        fitted attributes (names ending in ``_``) that are numbers, tensors or
+        have a ``state_dict()``.
     precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
         Autocast precision of the forward passes (losses and weights stay
         float32). ``"auto"`` is what the device computes natively
@@ -499,10 +260,12 @@ class FineTunedClassifier(NeuralNetClassifier):
     batch_size : int, default=32
     train_split : callable or None, default=ValidSplit(0.2, stratified=True)
         skorch's internal validation split (for the epoch table, early
-        stopping and the best weights); ``None`` trains on everything.
+        stopping and the best weights); ``None`` trains on everything. The
+        validation part sees the images with the evaluation transform.
     device : str or torch.device, default="cuda" if a GPU is visible, else "cpu"
-        Where skorch moves the network (a plain device, as skorch takes it: the
-        default is decided when the library is imported). A model pickled on a
+        Where skorch moves the network: a plain device, decided when the
+        library is imported (skorch reads ``device`` wherever it moves a
+        network, a batch or loaded weights, so ``"auto"`` is refused). A model pickled on a
         GPU machine loads on one without (skorch maps it to the CPU, with a
         warning). On CUDA: pinned memory. The network runs ``channels_last``.
     **kwargs
@@ -511,9 +274,9 @@ class FineTunedClassifier(NeuralNetClassifier):
         ``warm_start``, ``iterator_train__num_workers=4`` (decoding and
         augmentation in DataLoader worker processes), routed
         ``callbacks__early_stopping__threshold`` or ``callbacks__lr_scheduler=None``.
-        The iterators get ``collate_images`` (channels_last uint8 batches),
-        pinned memory on CUDA and, for training, shuffling, unless routed
-        parameters say otherwise.
+        The iterators are :class:`~sklearn_transfer.batches.ImageLoader`
+        (channels_last uint8 batches, seeded workers, pinned memory on CUDA
+        and, for training, shuffling), unless routed parameters say otherwise.
     mixup : None, float or dict, default=None
         MixUp/CutMix of the training batches, by timm's
         :class:`timm.data.Mixup`: a float is MixUp's ``mixup_alpha`` (each
@@ -548,12 +311,14 @@ class FineTunedClassifier(NeuralNetClassifier):
         ``e / (warmup_epochs + 1)`` of every group's rate, then the cosine
         schedule runs over the remaining epochs (or the rate stays constant
         with ``lr_schedule=None``); torch's ``LinearLR`` and ``SequentialLR``
-        in skorch's ``LRScheduler`` (:func:`warmup_schedule`). Must be less
+        in skorch's ``LRScheduler``
+        (:func:`~sklearn_transfer.callbacks.warmup_schedule`). Must be less
         than ``max_epochs``.
     ema : float in (0, 1) or None, default=None
         Keep an exponential moving average of the weights with this decay
-        per training step (timm's ``ModelEmaV3``, the :class:`WeightEMA`
-        callback ``ema``); when training ends the average replaces the
+        per training step (timm's ``ModelEmaV3``, the
+        :class:`~sklearn_transfer.callbacks.WeightEMA` callback ``ema``);
+        when training ends the average replaces the
         weights and is what ``predict`` uses. The validation scores of each
         epoch (and early stopping, which then restores no best epoch: the
         average is kept) are those of the trained weights, not of the
@@ -561,12 +326,13 @@ class FineTunedClassifier(NeuralNetClassifier):
         well below the number of steps (``max_epochs * n_train /
         batch_size``).
     tta : bool, default=False
-        Test-time augmentation: ``predict_proba`` (so ``predict``, ``score``
-        and the ``valid_acc`` column) averages the probabilities of each
-        image and its mirror image, the views of ``CNNFeatureTransformer(tta=True)``
+        Test-time augmentation: ``predict_proba`` (so ``predict`` and
+        ``score``) averages the probabilities of each image given and its
+        mirror image, the views of ``CNNFeatureTransformer(tta=True)``
         (:func:`~sklearn_transfer.preprocessing.tta_views`); twice the
-        prediction compute. ``valid_loss`` and training are unchanged: the
-        same ``random_state`` trains the same weights with and without it.
+        prediction compute. Training, ``valid_loss`` and ``valid_acc`` are
+        unchanged: the same ``random_state`` trains the same weights with and
+        without it.
 
     Attributes
     ----------
@@ -574,7 +340,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         The labels, in the order of ``predict_proba``'s columns; for a
         multi-label ``Y``, the column indices ``0 .. n_labels - 1`` (as
         scikit-learn's ``MLPClassifier``).
-    module_ : FineTuneModule
+    module_ : ~sklearn_transfer.network.FineTuneModule
         The network after training (with the best validation weights).
     history_ : skorch.History
         Per-epoch and per-batch records, as in skorch.
@@ -593,31 +359,8 @@ class FineTunedClassifier(NeuralNetClassifier):
     ``EpochScoring("f1_macro")`` compare like with like. On images it returns
     the original labels.
 
-    Multi-label: ``fit(X, Y)`` with ``Y`` a 0/1 indicator matrix of shape
-    ``(n_samples, n_labels)`` (dense or sparse) trains one sigmoid output per
-    label: the default ``criterion``, ``CrossEntropyLoss``, then stands for its
-    per-label form ``BCEWithLogitsLoss`` (another criterion you pass is used
-    as it is). ``predict_proba`` gives each label's probability,
-    ``predict`` the indicator matrix of those above 0.5, ``score`` (and the
-    ``valid_acc`` column) the subset accuracy, every label of an image right,
-    as scikit-learn's multi-label classifiers. A stratified ``ValidSplit``
-    (the default) splits such a ``Y`` unstratified, with the same fraction
-    and seed. A ``Y`` of one column is a binary ``y``, as in scikit-learn.
-    The cheap alternative, often as good on photos: CNN codes and one linear
-    model per label, ``make_pipeline(CNNFeatureTransformer(),
-    OneVsRestClassifier(LogisticRegression()))`` (or ``MultiOutputClassifier``).
-
-    Grid search: ``GridSearchCV(..., n_jobs=1)`` is the safe choice with one
-    GPU (parallel candidates on one GPU fight over its memory). With several
-    GPUs, split the grid and run one search per GPU, each process started
-    with its own ``CUDA_VISIBLE_DEVICES=i``, or run a Dask/Ray joblib
-    backend whose workers each see one GPU.
-
-    Fitted estimators pickle (and ``joblib.dump``); loading a pickle can run
-    arbitrary code, so load such files only from sources you trust. To share
-    a model, use :func:`sklearn_transfer.persistence.dump` / ``load`` (skops
-    and safetensors, no pickle). A CUDA out-of-memory error in a training or
-    prediction step is re-raised naming the batch-size parameter to lower.
+    Multi-label fits, grid searches on GPUs and sharing a fitted model are
+    described in the user guide's fine-tuning page.
 
     Examples
     --------
@@ -685,6 +428,8 @@ class FineTunedClassifier(NeuralNetClassifier):
         "warmup_epochs": [Interval(numbers.Integral, 0, None, closed="left")],
         "ema": [Interval(numbers.Real, 0, 1, closed="neither"), None],
         "tta": ["boolean"],
+        "iterator_train": [callable],
+        "iterator_valid": [callable],
     }
 
     def __init__(
@@ -708,6 +453,8 @@ class FineTunedClassifier(NeuralNetClassifier):
         max_epochs: int = 5,
         batch_size: int = 32,
         train_split: Any = DEFAULT_TRAIN_SPLIT,
+        iterator_train: type = ImageLoader,
+        iterator_valid: type = ImageLoader,
         device: str | torch.device = DEFAULT_DEVICE,
         mixup: float | dict | None = None,
         layer_decay: float | None = None,
@@ -734,11 +481,12 @@ class FineTunedClassifier(NeuralNetClassifier):
         self.tta = tta
         super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
                          max_epochs=max_epochs, batch_size=batch_size,
-                         train_split=train_split, device=device, **kwargs)
+                         train_split=train_split, iterator_train=iterator_train,
+                         iterator_valid=iterator_valid, device=device, **kwargs)
 
-    # skorch keeps its bookkeeping of routed names in `_params_to_validate`, which its
-    # _get_param_names would list as a constructor parameter (scikit-learn's
-    # check_set_params then sets it to a float); kept under a fitted-state name instead
+    # skorch keeps its bookkeeping of routed names in `_params_to_validate` (a private
+    # attribute), which its _get_param_names would list as a constructor parameter
+    # (scikit-learn's check_set_params then sets it to a float): kept under a fitted-state name
     @property
     def _params_to_validate(self) -> set:
         return self.__dict__["params_to_validate_"]
@@ -760,7 +508,8 @@ class FineTunedClassifier(NeuralNetClassifier):
         return tags
 
     @property
-    def classes_(self) -> np.ndarray:  # any labels: what the label encoder learnt from y
+    def classes_(self) -> np.ndarray:
+        # the label encoder's: any labels, or a multi-label Y's column indices
         encoder = self.__dict__.get("label_encoder_")
         if encoder is None:
             raise AttributeError(f"{type(self).__name__} has no classes_ before fit")
@@ -777,15 +526,19 @@ class FineTunedClassifier(NeuralNetClassifier):
         )
         augment_options(self.augment)  # names an unknown augmentation option
         _check_mixup(self.mixup)
-        if self.warmup_epochs >= self.max_epochs:
-            raise ValueError(
-                f"warmup_epochs={self.warmup_epochs} leaves no epoch at the full learning rate "
-                f"of max_epochs={self.max_epochs}: use fewer warm-up epochs or more epochs")
         if isinstance(self.device, str) and self.device == "auto":
             raise ValueError(
                 "device='auto' is not a device skorch can move a network to; "
                 f"FineTunedClassifier's default already is this machine's ({DEFAULT_DEVICE!r})")
-        resolve_device(self.device)  # names a device torch does not know or cannot use
+        if self.warmup_epochs >= self.max_epochs:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} leaves no epoch at the full learning rate "
+                f"of max_epochs={self.max_epochs}: use fewer warm-up epochs or more epochs")
+        _check_class_weight(self.class_weight)
+        self._runtime()  # names a device torch does not know or cannot use
+
+    def _runtime(self) -> Runtime:
+        return Runtime.from_device(self.device, self.precision)
 
     def _set_targets(self, y: Any, classes: Any = None) -> None:
         """Learn the label encoding and class weights from ``y`` (or ``classes``)."""
@@ -857,6 +610,8 @@ class FineTunedClassifier(NeuralNetClassifier):
         target_type = type_of_target(y, input_name="y")
         if target_type.endswith("-multioutput"):
             raise _target_type_error(target_type)
+        if target_type in ("binary", "multiclass"):
+            unique_labels(y)  # refuses a mix of strings and numbers (an array stringifies it)
         if target_type == "multilabel-indicator":
             y = check_array(y, dtype=None, input_name="y")
             values = np.unique(y)
@@ -908,72 +663,52 @@ class FineTunedClassifier(NeuralNetClassifier):
         -------
         self
         """
+        # the labels are learnt first: the head's width and the class weights come from them
         self._check_params()
         if "sample_weight" in fit_params:
             raise TypeError(
                 "FineTunedClassifier.fit takes no sample_weight; weigh classes with "
                 "class_weight='balanced' or class_weight={label: weight}")
-        epochs = None
-        with seeded(self.random_state):
+        y = self._check_y(y)
+        with seeded(self.random_state), self._oom_hint(training=True):
             if not self.warm_start or not self.initialized_:
                 self._set_targets(y, self.classes)
-                self.initialize()
-                checkpoint = dict(self.callbacks_).get("checkpoint")  # fits from scratch only
-                if isinstance(checkpoint, TrainingCheckpoint):
-                    # skorch's own way to run fewer epochs (fit_loop's ``epochs``): those
-                    # the interrupted fit did not complete
-                    done = checkpoint.open(self, X, self._check_y(y))
-                    epochs = max(self.max_epochs - done, 0)
-            self._partial_fit(X, y, epochs=epochs, _routing_method="fit", **fit_params)
+            try:
+                super().fit(X, y, **fit_params)
+            finally:  # a training-time helper, never part of the model
+                self.__dict__.pop("grad_scaler_", None)
         return self
 
-    def partial_fit(self, X: Any, y: Any = None, classes: Any = None,
-                    **fit_params: Any) -> FineTunedClassifier:
-        """Train for ``max_epochs`` more, initialising first if needed (skorch semantics).
-
-        ``classes`` (or the ``classes`` parameter) declares every label when
-        the first batch of data lacks some.
-        """
-        if not self.initialized_:
-            self._check_params()
-            with seeded(self.random_state):
-                self._set_targets(y, classes if classes is not None else self.classes)
-                self.initialize()
-        return self._partial_fit(X, y, **fit_params)
-
-    def _partial_fit(self, X: Any, y: Any, **fit_params: Any) -> FineTunedClassifier:
-        source = as_image_source(X)
-        y_enc = self._encode(y)
-        if len(y_enc) != len(source):
-            raise ValueError(f"X holds {len(source)} images but y has {len(y_enc)} labels")
-        routing = fit_params.pop("_routing_method", "partial_fit")
-        try:
-            NeuralNetClassifier.partial_fit(
-                self, source, y_enc, _routing_method=routing, **fit_params)
-        finally:
-            # the scaler is a training-time helper; never keep it in the model
-            self.__dict__.pop("grad_scaler_", None)
-        return self
+    def _oom_hint(self, training: bool) -> Any:
+        """One CUDA out-of-memory message, for fit or for prediction: the size to lower."""
+        prefix = "iterator_train" if training else "iterator_valid"
+        routed = self.get_params_for(prefix)
+        size, name = ((routed["batch_size"], f"{prefix}__batch_size")
+                      if "batch_size" in routed else (self.batch_size, "batch_size"))
+        return actionable_oom(size, name, ", or freeze more stages (freeze_depth)"
+                              if training else "")
 
     # ------------------------------------------------------ initialisation
 
     def initialize_module(self) -> FineTunedClassifier:
-        # the head's width comes from y, and the backbone from its name or the user's module,
-        # copied: it is the pristine starting point of every fit
+        # the head's width comes from the labels, the backbone from its name or the user's
+        # module (copied: it is the pristine starting point of every fit)
         if "label_encoder_" not in self.__dict__:
-            raise ValueError(
-                "FineTunedClassifier learns its number of classes from y: call fit(X, y) "
-                "instead of initialize()"
-            )
+            if self.classes is None:
+                raise ValueError(
+                    "FineTunedClassifier learns its classes from y: call fit(X, y) first, or "
+                    "pass classes=[...] to start with partial_fit")
+            self._set_targets(np.asarray(self.classes), self.classes)
         backbone = self.backbone
         if isinstance(backbone, nn.Module):
             backbone = copy.deepcopy(backbone)
         net = get_backbone(backbone, weights=self.weights)
         self.freeze_depth_ = resolve_freeze_depth(self.freeze_depth, net)
         kwargs = {"backbone": net, "n_classes": len(self.classes_),
-                  "freeze_depth": self.freeze_depth_, **self.get_params_for("module")}
+                  "freeze_depth": self.freeze_depth_, "precision": self._runtime().precision,
+                  **self.get_params_for("module")}
         module = self.initialized_instance(self.module, kwargs)
-        self.module_ = module.to(memory_format=torch.channels_last)
+        self.module_ = module.to(memory_format=torch.channels_last)  # skorch moves it
         return self
 
     def initialize_criterion(self) -> FineTunedClassifier:
@@ -996,29 +731,37 @@ class FineTunedClassifier(NeuralNetClassifier):
         self.criterion_ = self.initialized_instance(criterion, kwargs)
         return self
 
-    def get_params_for(self, prefix: str) -> dict[str, Any]:
-        kwargs = super().get_params_for(prefix)
-        if prefix == "optimizer":
-            # skorch's get_params_for_optimizer matches these after (so beneath) the user's
-            # own groups: the head first (group 0), then the pretrained layers' rate, decayed
-            # per stage down from the top with layer_decay (frozen stages match no parameter)
-            lr = kwargs.get("lr", self.lr) * self.backbone_lr_mult
-            groups = [*kwargs.get("param_groups", []), ("head.*", {})]
-            module = self.__dict__.get("module_")
-            if self.layer_decay is not None and module is not None:
-                n = len(module.backbone.stages)
-                groups += [(f"backbone.stages.{i}.*", {"lr": lr * self.layer_decay ** (n - i)})
-                           for i in range(n)]
-            kwargs["param_groups"] = [*groups, ("backbone.*", {"lr": lr})]
-        return kwargs
+    def get_params_for_optimizer(self, prefix: str, named_parameters: Any) -> Any:
+        # frozen stages are never handed to the optimizer; the parameters no group of the
+        # user's takes go to the recipe's groups: the head at lr (group 0 when the user has
+        # none), the pretrained layers at lr * backbone_lr_mult, decayed per stage down from
+        # the top with layer_decay
+        trainable = [(n, p) for n, p in named_parameters if p.requires_grad]
+        (groups,), kwargs = super().get_params_for_optimizer(prefix, trainable)
+        patterns = [pattern for pattern, _ in self.get_params_for(prefix).get("param_groups", [])]
+        free = [(n, p) for n, p in trainable if not any(fnmatch(n, pat) for pat in patterns)]
+        if free:  # skorch put them in one last group of their own: split it
+            groups = groups[:-1]
+        backbone_lr = kwargs["lr"] * self.backbone_lr_mult
+        n = len(self.module_.backbone.stages)
+        mine: dict[tuple, list] = {}  # (order, lr or None for lr): parameters
+        for name, param in free:
+            part = name.split(".")
+            if part[0] == "head":
+                key: tuple = (0, None)
+            elif self.layer_decay is not None and part[:2] == ["backbone", "stages"]:
+                stage = int(part[2])
+                key = (1 + stage, backbone_lr * self.layer_decay ** (n - stage))
+            else:
+                key = (n + 1, backbone_lr)
+            mine.setdefault(key, []).append(param)
+        for (_, lr), params in sorted(mine.items(), key=lambda kv: kv[0][0]):
+            groups.append({"params": params} if lr is None else {"params": params, "lr": lr})
+        return (groups,), kwargs
 
-    def get_all_learnable_params(self) -> Any:
-        # frozen stages are never handed to the optimizer
-        return ((n, p) for n, p in super().get_all_learnable_params() if p.requires_grad)
-
-    @property
-    def _default_callbacks(self) -> list[tuple[str, Any]]:
-        # parameters are read as they are: they are validated at fit, not here
+    def get_default_callbacks(self) -> list[tuple[str, Any]]:
+        # skorch's hook for a net's own callbacks; parameters are read as they are (validated
+        # at fit, not here)
         callbacks: list[tuple[str, Any]] = []
         if self.checkpoint_dir is not None:
             # first: it restores the history the scoring callbacks read when resuming
@@ -1058,137 +801,45 @@ class FineTunedClassifier(NeuralNetClassifier):
 
     # -------------------------------------------------------------- data
 
-    def _data_config(self) -> DataConfig:
-        return self.module_.backbone.data_config
-
-    def get_dataset(self, X: Any, y: Any = None) -> Any:
-        """Images -> a dataset with the evaluation transform (validation, prediction)."""
-        if is_dataset(X):
-            return X
-        return ImageDataset(X, self._data_config(), targets=y)
-
     def get_split_datasets(self, X: Any, y: Any = None, **fit_params: Any) -> tuple[Any, Any]:
-        """Training data augmented; the validation split with the evaluation transform."""
-        config = self._data_config()
-        source = as_image_source(X)
-        train = ImageDataset(source, config, targets=y, augment=self.augment)
+        # training images augmented (and mixed); any split's validation part plain
+        config = self.module_.backbone.data_config
+        targets = self._encode(y)
+        mix = None if self.mixup is None else MixBatch(
+            _mixup_options(self.mixup), len(self.classes_), self._is_multilabel())
+        train = ImageDataset(X, config, targets=targets, augment=self.augment, mix=mix)
+        if len(targets) != len(train):
+            raise ValueError(f"X holds {len(train)} images but y has {len(targets)} labels")
         split = self.train_split
         if split is None:
             return train, None
-        if np.ndim(y) == 2 and isinstance(split, ValidSplit) and split.stratified:
+        if np.ndim(targets) == 2 and isinstance(split, ValidSplit) and split.stratified:
             # stratifying a multi-label Y would stratify its label combinations, most of them
             # too rare to split: the same split, shuffled without strata
             split = _ValidSplit(split.cv, stratified=False, random_state=split.random_state)
         try:
-            ds_train, ds_valid = split(train, y, **fit_params)
+            ds_train, ds_valid = split(train, targets, **fit_params)
         except ValueError as exc:
             raise ValueError(
                 f"the internal validation split (train_split={split!r}) failed on "
-                f"{len(source)} images: {exc}. Give more images per class, or pass "
-                "train_split=None to train without validation"
-            ) from None
+                f"{len(train)} images: {exc}. Give more images per class, or pass "
+                "train_split=None to train without validation") from None
         if isinstance(ds_valid, Subset) and ds_valid.dataset is train:
-            plain = ImageDataset(source, config, targets=y)
-            ds_valid = Subset(plain, ds_valid.indices)
+            ds_valid = Subset(train.evaluation(), ds_valid.indices)
         return ds_train, ds_valid
-
-    def get_iterator(self, dataset: Any, training: bool = False) -> Any:
-        # image batches (channels_last uint8), pinned memory on CUDA, seeded workers, and a
-        # bad image raised in the caller's process
-        prefix = "iterator_train" if training else "iterator_valid"
-        iterator = self.iterator_train if training else self.iterator_valid
-        kwargs = self.get_params_for(prefix)
-        kwargs.setdefault("batch_size", self.batch_size)
-        if kwargs["batch_size"] == -1:
-            kwargs["batch_size"] = len(dataset)
-        if isinstance(iterator, type) and issubclass(iterator, DataLoader):
-            runtime = self._runtime()
-            kwargs.setdefault("collate_fn", collate_images)
-            kwargs.setdefault("pin_memory", runtime.pin_memory)
-            if training:
-                kwargs.setdefault("shuffle", True)
-            if kwargs.get("num_workers", 0) > 0:
-                kwargs.setdefault("worker_init_fn", seed_worker)
-                # the training loader is iterated once per epoch: keep its workers, unless
-                # checkpointing: fresh workers seeded from the main RNG each epoch are what
-                # a resumed fit can replay
-                kwargs.setdefault("persistent_workers",
-                                  training and self.checkpoint_dir is None)
-        return _CheckedLoader(iterator(dataset, **kwargs))
 
     # ----------------------------------------------------- training steps
 
-    def _runtime(self) -> Runtime:
-        return Runtime.from_device(self.device, self.precision)
-
-    def infer(self, x: Any, **fit_params: Any) -> torch.Tensor:
-        # autocast to the precision the device computes fastest; losses in float32
-        runtime = self._runtime()
-        if isinstance(x, torch.Tensor):
-            x = runtime.to_device(x)
-        with runtime.autocast():
-            out = self.module_(x, **fit_params)
-        return out.float()
-
-    def _batch_size_param(self, prefix: str) -> tuple[int, str]:
-        """The batch size a loader uses, and the parameter that sets it."""
-        routed = self.get_params_for(prefix)
-        if "batch_size" in routed:
-            return routed["batch_size"], f"{prefix}__batch_size"
-        return self.batch_size, "batch_size"
-
-    def _oom_hint(self, training: bool) -> Any:
-        size, name = self._batch_size_param("iterator_train" if training else "iterator_valid")
-        advice = ", or freeze more stages (freeze_depth)" if training else ""
-        return actionable_oom(size, name, advice)
-
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
-        # a CUDA out-of-memory error names batch_size; float16 needs a gradient scaler;
-        # MixUp/CutMix mixes training batches only (validation and prediction see the images)
-        if self.mixup is not None:
-            batch = self._mixed(batch)
-        with self._oom_hint(training=True):
-            if self._runtime().precision != "float16":
-                return super().train_step(batch, **fit_params)
-            return self._scaled_train_step(batch, **fit_params)
-
-    def _mixed(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training batch mixed by timm's ``Mixup``: blended or pasted images, soft targets."""
-        from timm.data import Mixup
-        from timm.data.mixup import mixup_target
-
-        Xi, yi = unpack_data(batch)
-        n_classes, multilabel = len(self.classes_), self._is_multilabel()
-        x = Xi.float()  # [0, 255] floats: the network normalises them as it does uint8
-        y = torch.as_tensor(yi)
-        mixer = Mixup(**_mixup_options(self.mixup), label_smoothing=0.0,
-                      num_classes=n_classes, multi_label=multilabel)
-        # timm mixes a batch with its reverse and needs an even size: an odd batch's last
-        # image stays as it is
-        pairs = len(x) - len(x) % 2
-        soft = mixup_target(y, n_classes, 1.0, 0.0, multilabel)
-        if pairs:
-            _, soft[:pairs] = mixer(x[:pairs], y[:pairs])  # mixes x[:pairs] in place
-        return x, soft
-
-    def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
-        # a CUDA out-of-memory error names the batch-size parameter to lower
-        with self._oom_hint(training=False):
-            return super().validation_step(batch, **fit_params)
-
-    def evaluation_step(self, batch: Any, training: bool = False) -> torch.Tensor:
-        # a CUDA out-of-memory error names the batch-size parameter to lower
-        with self._oom_hint(training=False):
-            return super().evaluation_step(batch, training=training)
-
-    def _scaled_train_step(self, batch: Any, **fit_params: Any) -> dict[str, Any]:
-        """skorch's train step with float16 autocast and a gradient scaler (CUDA)."""
-        runtime = self._runtime()
+        # float16 needs a gradient scaler, which skorch leaves to accelerate
+        if self.module_.precision != "float16":
+            return super().train_step(batch, **fit_params)
         scaler = self.__dict__.get("grad_scaler_")
         if scaler is None:
-            scaler = self.grad_scaler_ = torch.amp.GradScaler(runtime.device.type)
+            scaler = self.grad_scaler_ = torch.amp.GradScaler(self._runtime().device.type)
         optimizers = [getattr(self, name + "_") for name in self._optimizers]
-        self._zero_grad_optimizer()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         self._set_training(True)
         Xi, yi = unpack_data(batch)
         y_pred = self.infer(Xi, **fit_params)
@@ -1205,14 +856,6 @@ class FineTunedClassifier(NeuralNetClassifier):
 
     # ---------------------------------------------------------- prediction
 
-    def _get_predict_nonlinearity(self) -> Any:
-        # skorch's "auto" for BCEWithLogitsLoss is binary (two columns from one logit);
-        # multi-label logits need one sigmoid per label
-        if self._is_multilabel() and isinstance(self.predict_nonlinearity, str) \
-                and self.predict_nonlinearity == "auto":
-            return torch.sigmoid
-        return super()._get_predict_nonlinearity()
-
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, columns in the order of ``classes_``.
 
@@ -1227,20 +870,25 @@ class FineTunedClassifier(NeuralNetClassifier):
         -------
         ndarray of float32, shape (n_samples, n_classes) or (n_samples, n_labels)
         """
-        self.check_is_fitted()  # scikit-learn's NotFittedError, not skorch's own error
+        # skorch's forward_iter, with scikit-learn's NotFittedError, the labels' own
+        # nonlinearity and the TTA views of each batch averaged
+        if not self.__dict__.get("initialized_", False):
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. "
+                                 "Call 'fit' with appropriate arguments before using it.")
         self._check_params()  # set_params after fit is checked where it is used
-        if not self.tta:
-            return super().predict_proba(X)
-        # skorch's predict_proba loop, each batch's probabilities averaged over the views;
-        # its loader's seed is drawn from a forked RNG: the valid_acc of each epoch (skorch
-        # scores cached outputs without a loader) leaves training's random stream as it is
-        nonlin = self._get_predict_nonlinearity()
+        # TTA views of the images given; skorch's own subsets (scored from the outputs cached
+        # while validating) as they are
+        views = 2 if self.tta and not is_dataset(X) else 1
+        dataset = X if is_dataset(X) else ImageDataset(X, self.module_.backbone.data_config)
+        if views > 1:
+            dataset = _Views(dataset)
+        nonlin = torch.sigmoid if self._is_multilabel() else (lambda t: torch.softmax(t, -1))
         probas = []
-        with torch.random.fork_rng(devices=[]):
-            for batch in self.get_iterator(self.get_dataset(X), training=False):
-                views = tta_views(unpack_data(batch)[0])
-                out = self.evaluation_step((torch.cat(views), None))  # one pass of all views
-                probas.append(to_numpy(nonlin(out).unflatten(0, (len(views), -1)).mean(0)))
+        # a loader draws its seed from torch's RNG: predicting (valid_acc with TTA, each
+        # epoch) must leave training's random stream as it is
+        with self._oom_hint(training=False), torch.random.fork_rng(devices=[]):
+            for out in self.forward_iter(dataset, training=False):
+                probas.append(to_numpy(nonlin(out).unflatten(0, (views, -1)).mean(0)))
         return np.concatenate(probas, 0)
 
     def predict(self, X: Any) -> np.ndarray:
@@ -1258,10 +906,3 @@ class FineTunedClassifier(NeuralNetClassifier):
         if is_dataset(X):
             return index
         return self.label_encoder_.inverse_transform(index)
-
-    # --------------------------------------------------------- persistence
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("grad_scaler_", None)  # a training-time helper, not part of the model
-        return state

@@ -65,8 +65,9 @@ _MEMBERS = ("estimator.skops", "weights.safetensors")
 _PIPELINE = "pipeline.skops"
 #: types the estimators' parameters hold, rebuilt by :func:`load` without asking
 TRUSTED_TYPES = [
-    "sklearn_transfer.finetune.FineTuneModule",
+    "sklearn_transfer.batches.ImageLoader",
     "sklearn_transfer.finetune._ValidSplit",
+    "sklearn_transfer.network.FineTuneModule",
     "skorch.dataset.Dataset",
     "skorch.dataset.ValidSplit",
     "torch.utils.data.dataloader.DataLoader",

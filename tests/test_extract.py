@@ -64,7 +64,7 @@ def test_a_local_run_writes_what_transform_computes(pngs, tmp_path):
     assert (summary.n_images, summary.n_partitions, summary.n_computed) == (N, 4, 4)
     key = tf.computation_.key
     assert sorted(mtimes(out)) == [f"part-{i:05d}-{key[:16]}.parquet" for i in range(4)]
-    assert json.loads((out / "manifest.json").read_text())["computation"] == key
+    assert json.loads((out / "_manifest.json").read_text())["computation"] == key
     first = pq.read_table(out / f"part-00000-{key[:16]}.parquet")
     assert first.schema.metadata[b"sklearn_transfer.computation"].decode() == key
     assert first.column_names == ["index", "path", "key", "codes", "error"]
@@ -219,8 +219,8 @@ def test_another_computation_or_job_is_refused(pngs, tmp_path):
         extract_codes(pngs[:-1], out, tiny(), partition_size=8)
     with pytest.raises(ValueError, match="another job .*image list or labels differs"):
         extract_codes(pngs, out, tiny(), labels=[0] * N, partition_size=8)
-    manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    (out / "_manifest.json").write_text(json.dumps({**manifest, "format": 1}))
     for call in (lambda: read_codes(out), lambda: extract_codes(pngs, out, tiny(),
                                                                 partition_size=8)):
         with pytest.raises(ValueError, match="has format 1, which this version of "

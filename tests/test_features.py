@@ -169,8 +169,8 @@ def test_hymenoptera_default_pipeline_reaches_093():
 
 def test_fit_resolves_one_computation_value_and_transform_only_runs_it(monkeypatch):
     calls = []
-    real = computation.fingerprint
-    monkeypatch.setattr(computation, "fingerprint", lambda m: calls.append(1) or real(m))
+    real = computation.network_fingerprint
+    monkeypatch.setattr(computation, "network_fingerprint", lambda m: calls.append(1) or real(m))
     tf = tiny(stage=["stem", -1], pooling="catavgmax").fit()
     assert len(calls) == 1  # the network is fingerprinted once, at fit
     comp = tf.computation_

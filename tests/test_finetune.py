@@ -18,8 +18,9 @@ from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
 
 from sklearn_transfer import Backbone, FineTunedClassifier, get_backbone, load_image_folder
-from sklearn_transfer.finetune import DEFAULT_DEVICE, FineTuneModule
+from sklearn_transfer.finetune import DEFAULT_DEVICE
 from sklearn_transfer.images import ImageLoadError
+from sklearn_transfer.network import FineTuneModule
 
 from .conftest import colour_images, make_tiny_backbone, real_dataset
 
@@ -198,7 +199,7 @@ def test_cosine_schedule_and_best_validation_weights_are_restored():
     assert clf.optimizer_.param_groups[0]["lr"] < 0.05
     assert history[0, "event_lr"] == 0.05 and history[-1, "event_lr"] < 0.05
     # the weights kept are those of the best validation epoch: recompute its loss
-    _, valid = clf.get_split_datasets(X, clf.label_encoder_.transform(y))
+    _, valid = clf.get_split_datasets(X, y)
     proba = clf.predict_proba(valid)
     targets = np.array([valid[i][1] for i in range(len(valid))])
     loss = -np.mean(np.log(proba[np.arange(len(targets)), targets]))
@@ -208,12 +209,12 @@ def test_cosine_schedule_and_best_validation_weights_are_restored():
 def test_augmentation_for_training_plain_transform_for_validation():
     X, y = two_colours(20)
     clf = tiny(max_epochs=1, augment={"rotation": 10, "zoom": 0.1}).fit(X, y)
-    train, valid = clf.get_split_datasets(X, clf.label_encoder_.transform(y))
+    train, valid = clf.get_split_datasets(X, y)
     names = [type(t).__name__ for t in train.dataset.transform.transforms]
     assert names == ["RandomAffine", "RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor"]
     assert type(valid.dataset.transform).__name__ == "ResizeCenterCrop"
     plain = tiny(max_epochs=1, augment=False).fit(X, y)
-    train, _ = plain.get_split_datasets(X, plain.label_encoder_.transform(y))
+    train, _ = plain.get_split_datasets(X, y)
     assert type(train.dataset.transform).__name__ == "ResizeCenterCrop"
     with pytest.raises(ValueError, match="augment=.*unknown option.*'shear'"):
         tiny(augment={"shear": 3}).fit(X, y)
@@ -501,3 +502,13 @@ def test_parameters_set_after_fit_are_validated_at_predict():
     clf = tiny(max_epochs=1, train_split=None).fit(X, y)
     with pytest.raises(ValueError, match="'batch_size' parameter .* Got -4"):
         clf.set_params(batch_size=-4).predict(X)
+
+
+def test_class_weights_and_label_types_are_checked_before_training():
+    X, y = two_colours(12)
+    for bad in (-1.0, 0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"class_weight\['red'\]=.*: a class weight must be "
+                                             "a finite positive number"):
+            tiny(class_weight={"red": bad, "green": 1.0}).fit(X, y)
+    with pytest.raises(ValueError, match="Mix of label input types"):
+        tiny().fit(X, [0, "green"] * 6)

@@ -17,6 +17,7 @@ from skorch.dataset import ValidSplit
 from timm.loss import SoftTargetCrossEntropy
 
 from sklearn_transfer import FineTunedClassifier
+from sklearn_transfer.batches import MixBatch
 
 from .conftest import colour_images
 from .test_finetune import (
@@ -77,16 +78,15 @@ class Mixed:
 
     def __init__(self, monkeypatch):
         self.batches: list[tuple] = []
-        original = FineTunedClassifier._mixed
+        original = MixBatch.__call__
 
-        def mixed(net, batch):
-            x, y = batch
-            before = (x.clone(), y.clone())
-            out = original(net, batch)
+        def mixed(mix, x, y):
+            before = (x.clone(), torch.as_tensor(y).clone())
+            out = original(mix, x, y)
             self.batches.append((*before, *out))
             return out
 
-        monkeypatch.setattr(FineTunedClassifier, "_mixed", mixed)
+        monkeypatch.setattr(MixBatch, "__call__", mixed)
 
 
 def test_mixup_trains_on_mixed_images_and_soft_targets_and_validates_on_clean_ones(monkeypatch):
