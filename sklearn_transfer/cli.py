@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -395,6 +394,8 @@ def _write_report(report: Path, X: np.ndarray, y: np.ndarray, pred: np.ndarray,
     """The report's files: texts, JSON and figures; returns their names."""
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
+    from sklearn_transfer.analysis import ErrorAnalysis
+
     names = [str(c) for c in classes]
     options = dict(labels=classes, target_names=names, zero_division=0)
     text = classification_report(y, pred, digits=3, **options)
@@ -402,40 +403,42 @@ def _write_report(report: Path, X: np.ndarray, y: np.ndarray, pred: np.ndarray,
     (report / "report.txt").write_text(
         f"model: {args.model}\nimages: {args.val_dir} ({len(y)})\naccuracy: {accuracy:.4f}\n\n"
         f"{text}")
-    losses = _top_losses(X, y, proba, classes) if proba is not None else []
     summary = {
         "model": args.model, "val_dir": args.val_dir, "n_images": len(y),
         "accuracy": accuracy, "classes": classes.tolist(),
         "classification_report": classification_report(y, pred, output_dict=True, **options),
         "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
-        "top_losses": losses,
     }
-    # NumPy scalars (counts, labels) as the Python values they hold
-    text = json.dumps(summary, indent=2, default=lambda value: value.item())
-    (report / "report.json").write_text(text + "\n")
     files = ["report.txt", "report.json", "confusion_matrix.png"]
     _confusion_matrix_png(report / "confusion_matrix.png", y, pred, classes,
                           f"{args.val_dir}: accuracy {accuracy:.3f}")
-    if losses:
-        top_losses_png(report / "top_losses.png", losses)
+    if proba is not None:
+        analysis = ErrorAnalysis.from_predictions(y, proba, classes=classes, X=X)
+        summary["most_confused"] = _rows(analysis.most_confused())
+        summary["top_losses"] = _rows(analysis.top_losses(_TOP_LOSSES))
+        _save(analysis.plot_top_losses(_TOP_LOSSES), report / "top_losses.png")
         files.append("top_losses.png")
     else:
         files.append("no top_losses.png (the model has no predict_proba)")
+    # NumPy scalars (counts, labels) as the Python values they hold
+    text = json.dumps(summary, indent=2, default=lambda value: value.item())
+    (report / "report.json").write_text(text + "\n")
     return files
 
 
-def _top_losses(X: np.ndarray, y: np.ndarray, proba: np.ndarray,
-                classes: np.ndarray) -> list[dict]:
-    """The images with the largest log loss: path, true, predicted, probabilities."""
-    index = {c: i for i, c in enumerate(classes.tolist())}
-    true = np.array([index[c] for c in y.tolist()])
-    p_true = proba[np.arange(len(y)), true]
-    loss = -np.log(np.clip(p_true, 1e-15, None))
-    order = np.argsort(-loss, kind="stable")[:_TOP_LOSSES]
-    best = np.argmax(proba, axis=1)
-    return [{"path": str(X[i]), "true": y[i].item(), "predicted": classes[best[i]].item(),
-             "probability_predicted": float(proba[i, best[i]]),
-             "probability_true": float(p_true[i]), "loss": float(loss[i])} for i in order]
+def _rows(table: dict[str, np.ndarray]) -> list[dict]:
+    """A table of equal-length columns as a list of rows."""
+    return [dict(zip(table, row, strict=True)) for row in zip(*table.values(), strict=True)]
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Save a figure pyplot made, then free it (commands may run in a longer process)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=80)
+    finally:
+        plt.close(fig)
 
 
 def _confusion_matrix_png(path: Path, y: np.ndarray, pred: np.ndarray, classes: np.ndarray,
@@ -450,30 +453,6 @@ def _confusion_matrix_png(path: Path, y: np.ndarray, pred: np.ndarray, classes: 
         ax=fig.add_subplot(), xticks_rotation="vertical" if len(classes) > 6 else "horizontal")
     display.ax_.set_title(title, fontsize=9)
     fig.savefig(path, dpi=100)
-
-
-def top_losses_png(path: Path, losses: list[dict]) -> None:
-    """A grid of the top-loss images, titled with file name, true and predicted label.
-
-    TEMPORARY: to be replaced by the top-loss grid of the error-analysis module
-    (``sklearn_transfer.analysis``, issue 28 item 1) once it is on main.
-    """
-    from matplotlib.figure import Figure
-
-    from sklearn_transfer.images import open_image
-
-    cols = min(4, len(losses))
-    rows = math.ceil(len(losses) / cols)
-    fig = Figure(figsize=(3 * cols, 3.3 * rows), layout="constrained")
-    for i, row in enumerate(losses):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        image = open_image(row["path"], draft_size=256, index=i)
-        image.thumbnail((256, 256))
-        ax.imshow(np.asarray(image))
-        ax.set_title(f"{Path(row['path']).name}\ntrue {row['true']}, predicted "
-                     f"{row['predicted']} ({row['probability_predicted']:.2f})", fontsize=8)
-        ax.set_axis_off()
-    fig.savefig(path, dpi=80)
 
 
 # ------------------------------------------------------------------------ extract

@@ -379,6 +379,8 @@ def test_fit_predict_evaluate_on_real_images(tmp_path):
     assert {row["path"] for row in summary["top_losses"]} == set(paths)
     losses = [row["loss"] for row in summary["top_losses"]]
     assert losses == sorted(losses, reverse=True)
+    errors = sum(r["label"] != t for r, t in zip(rows, truth, strict=True))
+    assert sum(pair["count"] for pair in summary["most_confused"]) == errors
     assert "accuracy: " in (report / "report.txt").read_text()
     for png in ("confusion_matrix.png", "top_losses.png"):
         with Image.open(report / png) as im:
