@@ -337,8 +337,10 @@ def _core(ov: Any) -> Any:
 def _convert(ov: Any, computation: CodesComputation, network: nn.Module) -> Any:
     """The extractor as an OpenVINO model, checked against torch on an example batch."""
     size = computation.data_config.input_size
+    # images in [0, 255]: uint8 unless the computation takes floats (mixed training images)
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0)).to(
+        getattr(computation, "input_dtype", torch.uint8))
     module = computation.extractor(network)
     try:
         with warnings.catch_warnings(), torch.no_grad(), _eval_mode(module):

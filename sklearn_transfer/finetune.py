@@ -20,6 +20,7 @@ import copy
 import inspect
 import numbers
 import os
+import warnings
 from fnmatch import fnmatch
 from typing import Any
 
@@ -62,7 +63,14 @@ from sklearn_transfer.batches import (
 )
 from sklearn_transfer.callbacks import FiniteLoss, WeightEMA, warmup_schedule
 from sklearn_transfer.checkpoint import TrainingCheckpoint
-from sklearn_transfer.network import FineTuneModule, resolve_freeze_depth
+from sklearn_transfer.codes import image_batches, run_engine
+from sklearn_transfer.engines import (
+    ENGINES,
+    EngineUnavailableError,
+    engine_for,
+    resolve_engine,
+)
+from sklearn_transfer.network import FineTuneModule, Predictor, resolve_freeze_depth
 from sklearn_transfer.preprocessing import augment_options, tta_views
 from sklearn_transfer.runtime import PRECISIONS, Runtime, actionable_oom, seeded
 
@@ -240,6 +248,15 @@ class FineTunedClassifier(NeuralNetClassifier):
         (:func:`~sklearn_transfer.runtime.native_precision`): float16 with a
         gradient scaler on CUDA, bfloat16 on CPUs with bfloat16 instructions
         (no scaler needed), float32 elsewhere.
+    engine : {"auto", "torch", "openvino"}, default="auto"
+        What runs the frozen stages while training (see
+        :mod:`sklearn_transfer.engines`): ``"auto"`` is OpenVINO on the CPU at
+        the training precision where it is installed, torch otherwise (and on
+        CUDA). The frozen stages are a fixed function (no gradients,
+        BatchNorm in evaluation mode), converted once per process, fed the
+        augmented batches, and followed by the trainable stages and the head
+        in torch. A network OpenVINO cannot convert trains in torch, with one
+        warning. ``engine_`` says what ran.
     module : nn.Module class, default=FineTuneModule
         skorch's module: built at ``fit`` from the backbone, the number of
         classes and ``freeze_depth``; its own options are routed, e.g.
@@ -346,6 +363,8 @@ class FineTunedClassifier(NeuralNetClassifier):
         Per-epoch and per-batch records, as in skorch.
     freeze_depth_ : int
         The resolved number of frozen stages.
+    engine_ : {"torch", "openvino"}
+        What runs the frozen stages (``engine`` resolved).
     label_encoder_ : LabelEncoder or LabelBinarizer
         A ``LabelBinarizer`` after a multi-label fit.
     class_weight_ : ndarray or None
@@ -418,6 +437,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         "random_state": ["random_state"],
         "checkpoint_dir": [str, os.PathLike, None],
         "precision": [StrOptions(set(PRECISIONS))],
+        "engine": [StrOptions(set(ENGINES))],
         "lr": [Interval(numbers.Real, 0, np.inf, closed="neither")],
         "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"),
@@ -445,6 +465,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         random_state: int | np.random.RandomState | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         precision: str = "auto",
+        engine: str = "auto",
         *,
         module: type[nn.Module] = FineTuneModule,
         criterion: type[nn.Module] = nn.CrossEntropyLoss,
@@ -474,6 +495,7 @@ class FineTunedClassifier(NeuralNetClassifier):
         self.random_state = random_state
         self.checkpoint_dir = checkpoint_dir
         self.precision = precision
+        self.engine = engine
         self.mixup = mixup
         self.layer_decay = layer_decay
         self.warmup_epochs = warmup_epochs
@@ -704,11 +726,21 @@ class FineTunedClassifier(NeuralNetClassifier):
             backbone = copy.deepcopy(backbone)
         net = get_backbone(backbone, weights=self.weights)
         self.freeze_depth_ = resolve_freeze_depth(self.freeze_depth, net)
+        runtime = self._runtime()
+        self.engine_ = resolve_engine(self.engine, runtime) if self.freeze_depth_ else "torch"
         kwargs = {"backbone": net, "n_classes": len(self.classes_),
-                  "freeze_depth": self.freeze_depth_, "precision": self._runtime().precision,
-                  **self.get_params_for("module")}
+                  "freeze_depth": self.freeze_depth_, "precision": runtime.precision,
+                  "engine": self.engine_, **self.get_params_for("module")}
         module = self.initialized_instance(self.module, kwargs)
         self.module_ = module.to(memory_format=torch.channels_last)  # skorch moves it
+        if self.engine_ == "openvino":  # converted now: a network it cannot take trains in torch
+            size = net.data_config.input_size
+            try:
+                module.frozen_features(torch.zeros(1, 3, size, size))
+            except EngineUnavailableError as exc:
+                warnings.warn(f"{exc}; training the frozen stages in torch instead",
+                              RuntimeWarning, stacklevel=4)
+                self.engine_ = module.engine = "torch"
         return self
 
     def initialize_criterion(self) -> FineTunedClassifier:
@@ -876,6 +908,12 @@ class FineTunedClassifier(NeuralNetClassifier):
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. "
                                  "Call 'fit' with appropriate arguments before using it.")
         self._check_params()  # set_params after fit is checked where it is used
+        if not is_dataset(X) and self.engine_ == "openvino":
+            try:
+                return self._engine_proba(X)
+            except EngineUnavailableError as exc:  # a head OpenVINO cannot take: in torch
+                warnings.warn(f"{exc}; predicting in torch instead", RuntimeWarning,
+                              stacklevel=2)
         # TTA views of the images given; skorch's own subsets (scored from the outputs cached
         # while validating) as they are
         views = 2 if self.tta and not is_dataset(X) else 1
@@ -890,6 +928,17 @@ class FineTunedClassifier(NeuralNetClassifier):
             for out in self.forward_iter(dataset, training=False):
                 probas.append(to_numpy(nonlin(out).unflatten(0, (views, -1)).mean(0)))
         return np.concatenate(probas, 0)
+
+    def _engine_proba(self, X: Any) -> np.ndarray:
+        """Probabilities of images from the whole fitted network compiled by the engine."""
+        predictor = Predictor.of(self.module_, self._is_multilabel(), self.tta)
+        engine = engine_for(predictor, "cpu", network=self.module_)
+        routed = self.get_params_for("iterator_valid")
+        size = routed.get("batch_size", self.batch_size)
+        batches = image_batches(ImageDataset(X, self.module_.backbone.data_config),
+                                self._runtime(), size, routed.get("num_workers", 0))
+        with self._oom_hint(training=False):
+            return np.concatenate([p for p, _ in run_engine(engine, batches, size)])
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels, of the type of ``y`` at fit.

@@ -190,7 +190,7 @@ def test_unknown_parameters_and_the_other_estimators_file_are_refused(
     # relabelled as the other estimator: its parameters give it away, whichever way round
     with_skeleton(transformer_file, bad, lambda s: s.update({"class": "FineTunedClassifier"}))
     # (tta is a parameter of both)
-    with pytest.raises(ValueError, match=r"FineTunedClassifier does not take: \['engine', "
+    with pytest.raises(ValueError, match=r"FineTunedClassifier does not take: \["
                        r"'memory', 'num_workers', 'pooling', 'progress', 'relu', 'stage'\]"):
         load(bad, backbone=make_tiny_backbone())
     with_skeleton(classifier_file, bad, lambda s: s.update({"class": "CNNFeatureTransformer"}))
