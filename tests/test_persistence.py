@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import zipfile
@@ -12,8 +13,18 @@ import pytest
 import skops.io as sio
 import torch
 from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.svm import LinearSVC
 
-from sklearn_transfer import Backbone, CNNFeatureTransformer, DataConfig, FineTunedClassifier
+from sklearn_transfer import (
+    Backbone,
+    CNNFeatureTransformer,
+    DataConfig,
+    FineTunedClassifier,
+    StrategySearchCV,
+)
 from sklearn_transfer.files import format_tag
 from sklearn_transfer.identity import digest
 from sklearn_transfer.persistence import dump, load
@@ -293,3 +304,116 @@ def test_an_unfitted_estimator_or_another_architecture_is_named(tmp_path, classi
                        r"\(Backbone\(name='custom', stages=\['a'\]\)\), which is not the "
                        "architecture it was saved from: freeze_depth=2"):
         load(tmp_path / "deep.zip", backbone=other)
+
+
+# ------------------------------------------------------------------ pipelines
+
+
+class MyScaler(StandardScaler):
+    """A user's step class: code that load() must not import unasked."""
+
+
+def fitted_pipeline(*steps, seed: int = 0) -> Pipeline:
+    X, y = colour_images(12, size=40, seed=seed), np.array(["red", "green"] * 6)
+    tf = CNNFeatureTransformer(make_tiny_backbone(), stage=[1, 2], progress=False)
+    return make_pipeline(tf, *steps).fit(X, y)
+
+
+def test_a_codes_pipeline_round_trips(tmp_path):
+    X = colour_images(8, size=40, seed=3)
+    for head in (LogisticRegression(C=0.5), LinearSVC()):
+        model = fitted_pipeline(StandardScaler(), Normalizer(), head)
+        dump(model, tmp_path / "model.zip")
+        with zipfile.ZipFile(tmp_path / "model.zip") as zf:  # no pickle inside
+            assert sorted(zf.namelist()) == ["estimator.skops", "format.json",
+                                             "pipeline.skops", "weights.safetensors"]
+            assert json.loads(zf.read("format.json"))["class"] == "Pipeline"
+        loaded = load(tmp_path / "model.zip", backbone=make_tiny_backbone(seed=4))
+        assert isinstance(loaded, Pipeline) and list(loaded.named_steps) == list(
+            model.named_steps)
+        assert loaded.get_params()[f"{type(head).__name__.lower()}__C"] == head.C
+        np.testing.assert_array_equal(loaded.decision_function(X), model.decision_function(X))
+        np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+        assert loaded.classes_.tolist() == ["green", "red"]
+    # the model a strategy search keeps
+    search = StrategySearchCV({"codes": fitted_pipeline(LogisticRegression())}, cv=2).fit(
+        colour_images(12, size=40), np.array(["red", "green"] * 6))
+    dump(search.best_estimator_, tmp_path / "best.zip")
+    loaded = load(tmp_path / "best.zip", backbone=make_tiny_backbone())
+    np.testing.assert_array_equal(loaded.predict_proba(X), search.predict_proba(X))
+    with pytest.raises(TypeError, match="not the StrategySearchCV that chose it: dump its "
+                       "best_estimator_"):
+        dump(search, tmp_path / "search.zip")
+
+
+def test_a_pipeline_step_that_is_not_scikit_learns_is_refused_by_name(tmp_path):
+    X = colour_images(6, size=40, seed=5)
+    model = fitted_pipeline(MyScaler(), LogisticRegression())
+    dump(model, tmp_path / "model.zip")
+    with pytest.raises(ValueError, match=r"model.zip' holds types that are not trusted: "
+                       r"\['tests.test_persistence.MyScaler'\]"):
+        load(tmp_path / "model.zip", backbone=make_tiny_backbone())
+    loaded = load(tmp_path / "model.zip", backbone=make_tiny_backbone(),
+                  trusted=["tests.test_persistence.MyScaler"])
+    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+    # a function among the steps' parameters is a type too (skops names it)
+    dump(fitted_pipeline(FunctionTransformer(copy.copy),
+                         LogisticRegression()), tmp_path / "func.zip")
+    with pytest.raises(ValueError, match=r"not trusted: \[.copy.copy.\]"):
+        load(tmp_path / "func.zip", backbone=make_tiny_backbone())
+
+
+def test_pipelines_dump_refuses_are_named(tmp_path):
+    tf = CNNFeatureTransformer(make_tiny_backbone(), progress=False)
+    X, y = colour_images(6, size=40), [0, 1] * 3
+    with pytest.raises(TypeError, match="first step is a CNNFeatureTransformer; its first "
+                       "step 'standardscaler' is a StandardScaler"):
+        dump(make_pipeline(StandardScaler(), LogisticRegression()).fit(np.eye(6), y),
+             tmp_path / "m.zip")
+    with pytest.raises(TypeError, match="one network, its first step; step "
+                       "'cnnfeaturetransformer-2' is a CNNFeatureTransformer too"):
+        dump(make_pipeline(tf, CNNFeatureTransformer(make_tiny_backbone())), tmp_path / "m.zip")
+    with pytest.raises(NotFittedError, match=r"the Pipeline is not fitted: call fit\(\)"):
+        dump(make_pipeline(tf, LogisticRegression()), tmp_path / "m.zip")
+    with pytest.raises(FileNotFoundError, match="cannot write '.*nowhere/m.zip': its folder "
+                       "does not exist"):
+        dump(make_pipeline(tf, LogisticRegression()).fit(X, y), tmp_path / "nowhere" / "m.zip")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_pipelines_members_are_tied_and_checked(tmp_path):
+    model_file, other_file = tmp_path / "model.zip", tmp_path / "other.zip"
+    dump(fitted_pipeline(LogisticRegression()), model_file)
+    dump(fitted_pipeline(LogisticRegression(), seed=1), other_file)
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(other_file) as zf:
+        foreign = zf.read("pipeline.skops")
+    # the head of another model of the same shape: the digests refuse it
+    with_members(model_file, bad, {"pipeline.skops": foreign}, restamp=False)
+    with pytest.raises(ValueError, match="bad.zip': its pipeline.skops member is not the one "
+                       "written with this file"):
+        load(bad, backbone=make_tiny_backbone())
+    # a deliberate edit, digests recomputed: what load checks beyond the digests
+    whole = make_pipeline(StandardScaler(), LogisticRegression()).fit(np.eye(4), [0, 1] * 2)
+    with_members(model_file, bad, {"pipeline.skops": sio.dumps(whole)})
+    with pytest.raises(ValueError, match="bad.zip' is damaged: its pipeline.skops member is not "
+                       "a pipeline whose first step is left for the network"):
+        load(bad, backbone=make_tiny_backbone())
+    narrow = make_pipeline("passthrough", LogisticRegression()).fit(np.eye(4), [0, 1] * 2)
+    with_members(model_file, bad, {"pipeline.skops": sio.dumps(narrow)})
+    with pytest.raises(ValueError, match="bad.zip' is damaged: step 'logisticregression' was "
+                       "fitted on 4 features, the network gives 40"):
+        load(bad, backbone=make_tiny_backbone())
+    with zipfile.ZipFile(model_file) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            if info.filename != "pipeline.skops":
+                zout.writestr(info.filename, zin.read(info))
+    with pytest.raises(ValueError, match="bad.zip' is not a file written by .*pipeline.skops"):
+        load(bad, backbone=make_tiny_backbone())
+
+
+def test_a_missing_file_or_a_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model file '.*absent.zip' does not exist"):
+        load(tmp_path / "absent.zip")
+    with pytest.raises(ValueError, match=f"'{tmp_path}' is a folder, not a file written by"):
+        load(tmp_path)
