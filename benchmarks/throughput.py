@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (b)")
     parser.add_argument("--repeat", type=int, default=2, help="interleaved rounds (best kept)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--int8", action="store_true",
+                        help="also precision='int8', calibrated on the same images (needs NNCF)")
     args = parser.parse_args()
     data = Path(args.data)
     if not data.is_dir():
@@ -79,6 +81,10 @@ def main() -> None:
     tf = transformer()  # the defaults: engine="auto", precision="auto"
     first_fit = time.perf_counter() - t0
     eager = transformer(engine="torch", precision="float32")  # the exact torch path
+    int8 = None
+    if args.int8:  # calibrated on these images, as a user would
+        int8 = CNNFeatureTransformer(args.backbone, batch_size=args.batch_size, progress=False,
+                                     precision="int8").fit(X)
     net = tf.backbone_
     cfg = net.data_config
     default = f"{tf.computation_.engine} {tf.computation_.precision}"
@@ -140,6 +146,9 @@ def main() -> None:
     runs = {"transform (defaults)": lambda: tf.transform(X),
             "transform (torch float32)": lambda: eager.transform(X),
             "tutorial loop": run_b, "one at a time": run_c}
+    if int8 is not None:
+        runs["transform (int8)"] = lambda: int8.transform(X)
+        alone["openvino int8"] = engine_for(int8.computation_, "cpu")  # quantized at fit
     runs.update({f"network alone, {k}": network_alone(e) for k, e in alone.items()})
     # interleaved rounds, best of each: a passing load on a noisy machine hits one
     # round of one method, not the comparison
@@ -160,6 +169,10 @@ def main() -> None:
         "torch float32 transform / its network alone":
             rate["transform (torch float32)"] / rate["network alone, torch float32"],
     }
+    if int8 is not None:
+        ratios["int8 transform / defaults (target >= 1.3)"] = rate["transform (int8)"] / a
+        ratios["int8 network alone / defaults' network alone"] = (
+            rate["network alone, openvino int8"] / rate[f"network alone, {default}"])
     for k, v in ratios.items():
         print(f"{k:58s} {v:5.2f}")
     if args.json:

@@ -29,7 +29,6 @@ batches for the networks.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
@@ -162,7 +161,10 @@ def read_image_bytes(item: str | os.PathLike, index: int) -> bytes:
         if local is None:
             return _read_url(item, index)
         item = local  # exactly a local path: the same checks, no fsspec
-    regular_file(item, index)
+    if regular_file(item, index).st_size > MAX_IMAGE_BYTES:
+        raise ImageLoadError(
+            f"{_where(item, index)} has more than MAX_IMAGE_BYTES ({MAX_IMAGE_BYTES} bytes; "
+            "sklearn_transfer.images.MAX_IMAGE_BYTES): not read", index, item)
     try:
         return Path(item).read_bytes()
     except OSError as exc:
@@ -173,10 +175,9 @@ def read_images_bytes(items: Sequence[str | os.PathLike],
                       indices: Sequence[int]) -> list[bytes | Exception]:
     """The bytes of several images, or for each one that fails its error.
 
-    As :func:`read_image_bytes` for each item, but the URLs of an
-    asynchronous file system (``http(s)://``, ``s3://``, ``gs://``) are
-    fetched concurrently: one request after another would leave a worker
-    waiting for each round trip.
+    As :func:`read_image_bytes` for each item, but URLs are fetched
+    :data:`URL_CONCURRENCY` at a time: one request after another would leave
+    a worker waiting for each round trip.
 
     Examples
     --------
@@ -186,52 +187,32 @@ def read_images_bytes(items: Sequence[str | os.PathLike],
     >>> read_images_bytes(["memory://doc-read/a.png", "memory://doc-read/b.png"], [0, 1])
     [b'abc', FileNotFoundError("image URL 'memory://doc-read/b.png' (index 1) does not exist")]
     """
-    out: list[Any] = [None] * len(items)
-    remote: dict[Any, list[tuple[int, str, str]]] = {}
-    fsspec = None
-    if any(is_url(item) and file_url_path(item) is None for item in items):
-        with contextlib.suppress(ImportError):  # then read_image_bytes says what to install
-            import fsspec
-    for pos, (item, index) in enumerate(zip(items, indices, strict=True)):
-        if fsspec is not None and is_url(item) and file_url_path(item) is None:
-            try:
-                fs, path = fsspec.core.url_to_fs(item)
-            except Exception as exc:  # an unknown protocol, a missing package
-                out[pos] = _url_error(exc, item, index)
-                continue
-            if getattr(fs, "async_impl", False):
-                remote.setdefault(fs, []).append((pos, item, path))
-                continue
-        try:
-            out[pos] = read_image_bytes(item, index)
-        except Exception as exc:
-            out[pos] = exc
-    for fs, group in remote.items():
-        from fsspec.asyn import sync
+    from concurrent.futures import ThreadPoolExecutor
 
-        results = sync(fs.loop, _cat_files, fs, [path for _, _, path in group])
-        for (pos, url, _), result in zip(group, results, strict=True):
-            out[pos] = (_url_error(result, url, indices[pos])
-                        if isinstance(result, BaseException) else result)
-    return out
+    def read(item: str | os.PathLike, index: int) -> bytes | Exception:
+        try:
+            return read_image_bytes(item, index)
+        except Exception as exc:  # the caller decides: skipped or raised
+            return exc
+
+    remote = [is_url(item) and file_url_path(item) is None for item in items]
+    if sum(remote) < 2:
+        return [read(item, index) for item, index in zip(items, indices, strict=True)]
+    # fsspec's blocking calls from several threads run concurrently on its event loop
+    with ThreadPoolExecutor(URL_CONCURRENCY) as pool:
+        return list(pool.map(read, items, indices))
 
 
 #: requests in flight per batch: object stores take many more, but a small server's accept
 #: queue (python -m http.server: 5) drops the connections beyond it, each then waiting 1 s
 URL_CONCURRENCY = 4
-
-
-async def _cat_files(fs: Any, paths: list[str]) -> list:
-    import asyncio
-
-    limit = asyncio.Semaphore(URL_CONCURRENCY)
-
-    async def cat(path: str) -> bytes:
-        async with limit:
-            # cat_file, not fs.cat: cat expands glob characters, which a query string has
-            return await fs._cat_file(path)
-
-    return await asyncio.gather(*(cat(p) for p in paths), return_exceptions=True)
+#: seconds an http(s) image URL may take to connect, and to send its next bytes (its
+#: headers included): a server that accepts and never answers, or stalls, fails then
+URL_CONNECT_TIMEOUT = 10.0
+URL_READ_TIMEOUT = 30.0
+#: bytes an image file or URL may have: a larger one is refused after reading this much
+#: (as PIL.Image.MAX_IMAGE_PIXELS for pixels), never read whole
+MAX_IMAGE_BYTES = 512 * 2**20
 
 
 def _read_url(url: str, index: int) -> bytes:
@@ -241,11 +222,44 @@ def _read_url(url: str, index: int) -> bytes:
         raise ImportError(f"image URL {url!r} (index {index}): reading URLs needs fsspec; pip "
                           "install fsspec (and the package for the protocol, e.g. aiohttp for "
                           "http, s3fs for s3)") from None
+    http = url.split(":", 1)[0].lower() in ("http", "https")
     try:
-        fs, path = fsspec.core.url_to_fs(url)
-        return fs.cat_file(path)  # one request; the whole object is needed anyway
+        if http:
+            import aiohttp
+
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=URL_CONNECT_TIMEOUT,
+                                            sock_read=URL_READ_TIMEOUT)
+            fs, path = fsspec.core.url_to_fs(url, client_kwargs={"timeout": timeout})
+        else:
+            fs, path = fsspec.core.url_to_fs(url)
+        # streamed (block_size=0 over HTTP): no more than the limit is read, whatever is sent
+        with fs.open(path, "rb", **({"block_size": 0} if http else {})) as fh:
+            data = _read_at_most(fh, MAX_IMAGE_BYTES + 1)
     except Exception as exc:
         raise _url_error(exc, url, index) from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageLoadError(
+            f"image URL {url!r} (index {index}) holds more than MAX_IMAGE_BYTES "
+            f"({MAX_IMAGE_BYTES} bytes; sklearn_transfer.images.MAX_IMAGE_BYTES): not read "
+            "further", index, url)
+    return data
+
+
+def _read_at_most(fh: Any, limit: int) -> bytes:
+    """Read ``fh`` to its end, or to ``limit`` bytes (a stream's read returns what has come)."""
+    parts, size = [], 0
+    while size < limit:
+        part = fh.read(limit - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # asyncio's, aiohttp's and fsspec's timeouts have no common base but their names
+    return isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__
 
 
 def _url_error(exc: BaseException, url: str, index: int) -> Exception:
@@ -253,12 +267,26 @@ def _url_error(exc: BaseException, url: str, index: int) -> Exception:
     where = f"image URL {url!r} (index {index})"
     if isinstance(exc, ImportError):  # the protocol's package: a set-up error, not this image's
         return ImportError(f"{where}: {exc}")
+    # fsspec's HTTP "info" reports any failure as FileNotFoundError, the cause chained: the
+    # first cause that is not a FileNotFoundError (a refused connection, a timeout) is it
+    cause: BaseException | None = exc
+    while isinstance(cause, FileNotFoundError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and getattr(cause, "status", None) != 404:  # an HTTP 404 is missing
+        exc = cause
     if isinstance(exc, FileNotFoundError):
         missing = FileNotFoundError(f"{where} does not exist")
         missing.index, missing.item = index, url  # as ImageLoadError's, for callers remapping
         return missing
     if isinstance(exc, IsADirectoryError):
         return ImageLoadError(f"{where} is a directory, not an image", index, url)
+    if _is_timeout(exc):
+        connect = "Connect" in type(exc).__name__ or "connect" in str(exc).lower()
+        limit, seconds = (("URL_CONNECT_TIMEOUT", URL_CONNECT_TIMEOUT) if connect
+                          else ("URL_READ_TIMEOUT", URL_READ_TIMEOUT))
+        what = "could not connect" if connect else "sent nothing more"
+        return ImageLoadError(f"{where} {what} within {seconds:g} s "
+                              f"(sklearn_transfer.images.{limit})", index, url)
     # network, auth, protocol errors of any library
     return ImageLoadError(f"{where} could not be read ({type(exc).__name__}: {exc})", index, url)
 

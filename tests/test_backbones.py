@@ -135,7 +135,7 @@ def test_pretrained_backbones_are_built_once_per_process_and_handed_out_as_copie
     assert second is not first
     assert not torch.equal(second.stages[0][0][0].weight, first.stages[0][0][0].weight)
     assert torch.equal(second.stages[0][0][0].weight,
-                       backbones._PRETRAINED["mobilenet_v2"].stages[0][0][0].weight)
+                       backbones.shared_pretrained("mobilenet_v2")[0].stages[0][0][0].weight)
 
 
 def test_download_needed_offline_says_a_network_is_needed(monkeypatch, tmp_path):
