@@ -869,10 +869,11 @@ class FineTunedClassifier(NeuralNetClassifier):
         scaler = self.__dict__.get("grad_scaler_")
         if scaler is None:
             scaler = self.grad_scaler_ = torch.amp.GradScaler(self._runtime().device.type)
-        optimizers = [getattr(self, name + "_") for name in self._optimizers]
+        optimizers = [self.optimizer_]  # the one optimizer initialize_optimizer builds
         for optimizer in optimizers:
             optimizer.zero_grad()
-        self._set_training(True)
+        self.module_.train()
+        self.criterion_.train()
         Xi, yi = unpack_data(batch)
         y_pred = self.infer(Xi, **fit_params)
         loss = self.get_loss(y_pred, yi, X=Xi, training=True)

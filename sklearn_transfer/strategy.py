@@ -23,7 +23,6 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import ParameterGrid, check_cv, cross_validate
 from sklearn.pipeline import Pipeline
-from sklearn.utils import _safe_indexing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
@@ -372,7 +371,7 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         """
         batch = net.batch_size if net.batch_size > 0 else 32
         idx = _probe_subset(y, min(len(y), 2 * batch))
-        X_probe = _safe_indexing(X, idx)
+        X_probe = [X[i] for i in idx]  # a list of paths, arrays, PIL images or tensors
         probe = clone(net).set_params(max_epochs=1, train_split=None)
         t0 = time.perf_counter()
         probe.fit(X_probe, y[idx])
