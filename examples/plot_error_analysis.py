@@ -14,7 +14,7 @@ first. Eight training labels are flipped on purpose here, to see them found.
 
 The images are hymenoptera (ants and bees, the PyTorch transfer-learning
 tutorial's data), read from ``$SKLEARN_TRANSFER_DATA/hymenoptera_data``
-(default: ``../shared/data`` next to this checkout); without it, the example
+(default: ``../shared/data``, from the checkout's folder); without it, the example
 says so and runs on scikit-learn's digits instead. The figures go to a new
 temporary folder, whose path is printed. Run::
 
@@ -39,8 +39,7 @@ from sklearn_transfer import CNNFeatureTransformer, ErrorAnalysis, load_image_fo
 
 matplotlib.use("Agg")  # files only: the example also runs without a display
 
-DATA = Path(os.environ.get("SKLEARN_TRANSFER_DATA",
-                           Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("SKLEARN_TRANSFER_DATA", "../shared/data"))
 ROOT = DATA / "hymenoptera_data"
 if ROOT.is_dir():
     X_train, y_train = load_image_folder(ROOT / "train")
