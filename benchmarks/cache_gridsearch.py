@@ -1,6 +1,7 @@
 """Grid search over heads with and without the feature cache, measured side by side.
 
-On ``cats_and_dogs_filtered/train`` (2,000 JPEGs), with EfficientNet-Lite0
+On ``cats_and_dogs_filtered/train`` (2,000 JPEGs; ``--dataset`` names another
+class-folder tree, such as ``hymenoptera_data/train``), with EfficientNet-Lite0
 codes and a 5-fold ``GridSearchCV`` over 6 head settings (LogisticRegression
 C x 3 and LinearSVC C x 3, the head step itself swapped by the grid), this
 measures in one run, each script in a fresh Python process as a user would
@@ -27,6 +28,7 @@ Run::
 
     python benchmarks/cache_gridsearch.py                 # data in ../shared/data
     python benchmarks/cache_gridsearch.py /path/to/data --subset 40
+    python benchmarks/cache_gridsearch.py --dataset hymenoptera_data/train
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASET = Path("cats_and_dogs_filtered") / "train"
+DATASET = "cats_and_dogs_filtered/train"
 BACKBONE = "efficientnet_lite0"
 LIMIT = 0
 
@@ -66,10 +68,10 @@ def n_settings() -> int:
     return sum(len(g["head__C"]) for g in head_grid())
 
 
-def load(data: Path, subset: int, limit: int = 0):
+def load(folder: Path, subset: int, limit: int = 0):
     from sklearn_transfer import load_image_folder
 
-    X, y = load_image_folder(data / DATASET)
+    X, y = load_image_folder(folder)
     if limit:  # a quick smoke run of the benchmark itself
         take = np.concatenate([np.flatnonzero(y == c)[: limit // 2] for c in np.unique(y)])
         X, y = X[take], y[take]
@@ -166,7 +168,9 @@ def head_search_seconds(codes: np.ndarray, y: np.ndarray) -> tuple[float, list[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data"),
-                        help="folder holding cats_and_dogs_filtered/ (default: ../shared/data)")
+                        help="folder holding the dataset (default: ../shared/data)")
+    parser.add_argument("--dataset", default=DATASET,
+                        help=f"class folders under DATA (default: {DATASET})")
     parser.add_argument("--subset", type=int, default=40,
                         help="images for the search without cache (default 40)")
     parser.add_argument("--json", help="also write all figures to this JSON file")
@@ -185,12 +189,11 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    data = Path(args.data).resolve()
-    if not (data / DATASET).is_dir():
+    folder = Path(args.data).resolve() / args.dataset
+    if not folder.is_dir():
         sys.exit(
-            f"{data / DATASET} not found: this benchmark needs the real cats_and_dogs_filtered "
-            "images. Pass the folder that holds cats_and_dogs_filtered/ (the project's "
-            "../shared/data) as the first argument."
+            f"{folder} not found: this benchmark needs real images. Pass the folder that "
+            f"holds {args.dataset}/ (the project's ../shared/data) as the first argument."
         )
     import torch
 
@@ -202,16 +205,16 @@ def main() -> None:
           f"load average at start {os.getloadavg()[0]:.2f}")
     global LIMIT
     LIMIT = args.limit
-    X, y = load(data, 0, LIMIT)
+    X, y = load(folder, 0, LIMIT)
     n, sub = len(X), args.subset
     fits = 5 * n_settings() + 1
-    print(f"data: {data / DATASET} ({n} images); backbone {BACKBONE}; 5-fold GridSearchCV over "
+    print(f"data: {folder} ({n} images); backbone {BACKBONE}; 5-fold GridSearchCV over "
           f"{n_settings()} head settings = {fits} pipeline fits\n")
 
     work = Path(tempfile.mkdtemp(prefix="cache_bench_"))
     figures: dict = {"n": n, "subset": sub, "fits": fits}
     try:
-        ds = str(data)
+        ds = str(folder)
         # 1-2. the floor (a plain extraction, then the heads alone on its codes) and the
         # cached search; plain extraction measured before and after, as the load drifts
         plain = run_child("extract", ds, "-", str(work / "plain.npy"))

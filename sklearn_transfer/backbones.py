@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sklearn_transfer.files import load_weights_only
-from sklearn_transfer.identity import fingerprint, sha256_file
+from sklearn_transfer.files import load_weights_only, sha256_file
+from sklearn_transfer.identity import fingerprint
 from sklearn_transfer.preprocessing import DataConfig
 
 __all__ = [

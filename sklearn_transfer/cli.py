@@ -9,6 +9,8 @@
   (:func:`~sklearn_transfer.predictions.write_predictions`).
 * ``evaluate MODEL VAL_DIR --report DIR``: accuracy, per-class report,
   confusion matrix and top-loss images on labelled class folders.
+* ``export MODEL --out DIR``: a saved model as one OpenVINO network that
+  needs only its runtime, NumPy and Pillow (:func:`~sklearn_transfer.export`).
 * ``extract SRC --out DIR``: CNN codes of an image collection to a resumable
   Parquet dataset (:func:`~sklearn_transfer.extract_codes`).
 
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     _fit_parser(commands)
     _predict_parser(commands)
     _evaluate_parser(commands)
+    _export_parser(commands)
     _extract_parser(commands)
     return parser
 
@@ -154,6 +157,17 @@ def _evaluate_parser(commands: Any) -> None:
     evaluate.add_argument("val_dir", metavar="VAL_DIR", help="class folders: VAL_DIR/CLASS/*")
     evaluate.add_argument("--report", required=True, metavar="DIR",
                           help="the report's folder (created if missing)")
+
+
+def _export_parser(commands: Any) -> None:
+    export = commands.add_parser(
+        "export", help="a saved model as one OpenVINO network, for its runtime alone",
+        description="Write MODEL to the new folder DIR as one OpenVINO network (uint8 images "
+                    "to probabilities) with model.json (its preprocessing and classes); "
+                    "sklearn_transfer.load_exported(DIR) runs it with OpenVINO, NumPy and "
+                    "Pillow only.")
+    export.add_argument("model", metavar="MODEL", help="a file written by fit")
+    export.add_argument("--out", required=True, metavar="DIR", help="the folder to create")
 
 
 def _extract_parser(commands: Any) -> None:
@@ -505,9 +519,27 @@ def extract(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ export
+
+
+def export(args: argparse.Namespace) -> int:
+    """Run the ``export`` command; returns the exit status."""
+    from sklearn_transfer.exporting import export as export_model
+    from sklearn_transfer.files import sha256_file
+
+    model = _load_model(args.model)
+    folder = export_model(model, args.out)
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    print(f"{folder}: {type(getattr(model, 'best_estimator_', model)).__name__} as one "
+          f"OpenVINO network, {len(model.classes_)} classes, {size / 1e6:.1f} MB "
+          f"(model.bin SHA-256 {sha256_file(folder / 'model.bin')[:12]}…)")
+    return 0
+
+
 # ------------------------------------------------------------------------ entry point
 
-COMMANDS = {"fit": fit, "predict": predict, "evaluate": evaluate, "extract": extract}
+COMMANDS = {"fit": fit, "predict": predict, "evaluate": evaluate, "export": export,
+            "extract": extract}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import warnings
@@ -48,16 +46,15 @@ import torch
 from torch import nn
 
 from sklearn_transfer.computation import CodesComputation
-from sklearn_transfer.files import FormatError, check_format, format_tag
-from sklearn_transfer.identity import fingerprint, sha256_file
+from sklearn_transfer.files import FormatError, check_format, format_tag, sha256_file
+from sklearn_transfer.identity import fingerprint
+from sklearn_transfer.openvino_runtime import INFERENCE_PRECISION, core, import_quietly
 from sklearn_transfer.runtime import Runtime, native_precision, usable_cores
 
 __all__ = ["ENGINES", "EngineUnavailableError", "OpenVINOEngine", "TorchEngine",
            "available_engines", "engine_for", "resolve_engine"]
 
 ENGINES = ("auto", "torch", "openvino")
-#: OpenVINO's inference precisions, by torch's names (float16 needs AVX512-FP16/AMX-FP16 CPUs)
-_OV_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 
 
 class EngineUnavailableError(RuntimeError):
@@ -96,13 +93,13 @@ def resolve_engine(engine: str, runtime: Runtime) -> str:
         raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
     cpu = runtime.device.type == "cpu"
     if engine == "auto":
-        usable = cpu and runtime.precision in _OV_PRECISION
+        usable = cpu and runtime.precision in INFERENCE_PRECISION
         return "openvino" if usable and "openvino" in available_engines() else "torch"
     if engine == "openvino":
         if not cpu:
             raise ValueError(f"engine='openvino' runs on the CPU, not on {runtime.device}; "
                              "use engine='torch' (or 'auto') for this device")
-        if runtime.precision not in _OV_PRECISION:
+        if runtime.precision not in INFERENCE_PRECISION:
             raise ValueError(f"engine='openvino' runs precision 'float32' or 'bfloat16', not "
                              f"{runtime.precision!r}")
     return engine
@@ -188,10 +185,10 @@ class OpenVINOEngine:
         # torch.set_num_threads is the one knob for both engines: a Dask worker sharing the
         # cores with others lowers it, and OpenVINO would otherwise take every core
         threads = torch.get_num_threads()
-        self.compiled = _core(ov).compile_model(model, "CPU", {
+        self.compiled = core().compile_model(model, "CPU", {
             # int8: the layers left unquantized at the CPU's native precision
-            "INFERENCE_PRECISION_HINT": _OV_PRECISION.get(
-                computation.precision, _OV_PRECISION[native_precision(torch.device("cpu"))]),
+            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION.get(
+                computation.precision, INFERENCE_PRECISION[native_precision(torch.device("cpu"))]),
             "PERFORMANCE_HINT": "THROUGHPUT",  # streams: a batch per core (see map)
             "INFERENCE_NUM_THREADS": threads,
             # pinned threads of processes sharing the cores (Dask workers) would all
@@ -327,36 +324,11 @@ def _built(computation: CodesComputation) -> nn.Module:
 # ------------------------------------------------------------------- OpenVINO's files
 
 
-def _import_quietly(name: str, missing: str) -> Any:
-    """Import OpenVINO or NNCF without their usage telemetry (or raise ``ImportError(missing)``).
-
-    Both send usage events to Google Analytics through ``openvino_telemetry``
-    when it is installed; hidden while they are imported, they use their stubs.
-    """
-    blocked = "openvino_telemetry" not in sys.modules
-    if blocked:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise ImportError(f"{missing} ({exc})") from None
-    finally:
-        if blocked:
-            del sys.modules["openvino_telemetry"]
-
-
 def _import_openvino() -> Any:
     try:
-        return _import_quietly("openvino", "OpenVINO is not installed")
+        return import_quietly("openvino", "OpenVINO is not installed")
     except ImportError as exc:
         raise EngineUnavailableError(str(exc)) from None
-
-
-@functools.cache
-def _core(ov: Any) -> Any:
-    """The process's one OpenVINO ``Core``: a compiled network freed after the Core that
-    made it can crash OpenVINO's CPU plugin later (as in ultralytics/ultralytics#25864)."""
-    return ov.Core()
 
 
 def _convert(ov: Any, computation: CodesComputation, network: nn.Module) -> Any:
@@ -376,7 +348,7 @@ def _convert(ov: Any, computation: CodesComputation, network: nn.Module) -> Any:
             warnings.simplefilter("ignore", DeprecationWarning)
             model = ov.convert_model(module, example_input=example, input=[(-1, 3, size, size)])
             expected = module(example).float().numpy()
-        got = _core(ov).compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+        got = core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
             example.numpy())[0]
     except Exception as exc:  # its converter raises many types: say which network failed
         message = " ".join(str(exc).split())[:300]
@@ -399,7 +371,7 @@ def _quantize(model: Any, computation: CodesComputation,
             f"the int8 network of {computation.name} is neither in this process nor kept on "
             "disk, and quantizing it needs the calibration images of fit: fit the transformer "
             "again here, or give it memory=... so that the quantized network is kept")
-    nncf = _import_quietly("nncf", "precision='int8' needs NNCF: pip install "
+    nncf = import_quietly("nncf", "precision='int8' needs NNCF: pip install "
                                    "'sklearn-transfer[int8]'")
     batches = [b.numpy() for b in calibration]
     return nncf.quantize(model, nncf.Dataset(batches),
@@ -428,7 +400,7 @@ def _read_converted(ov: Any, computation: CodesComputation,
             if sha256_file(folder / name) != meta["sha256"][name]:
                 raise FormatError(f"{str(folder / name)!r} is not the file converted (its "
                                   "SHA-256 differs: damaged or edited)")
-        return _core(ov).read_model(folder / "network.xml")
+        return core().read_model(folder / "network.xml")
     except Exception as exc:  # damaged, cut short, edited: convert again, never trust it
         reason = " ".join(str(exc).split())[-200:]
         warnings.warn(f"the converted network in {str(folder)!r} cannot be used (…{reason}); "

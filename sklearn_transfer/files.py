@@ -1,9 +1,11 @@
-"""Files this library writes and reads back: format tags, weights-only loading, atomic writes.
+"""Files this library writes and reads back: format tags, checksums, weights-only loading,
+atomic writes.
 
 Every file or folder the library writes for later (the feature cache, a
-codes dataset, a training checkpoint, a saved model) says what it is with a
-format tag, ``"sklearn_transfer.<kind>/<version>"`` (:func:`format_tag`),
-checked when it is read back (:func:`check_format`). Every file it trusts
+codes dataset, a training checkpoint, a saved model, an exported model) says
+what it is with a format tag, ``"sklearn_transfer.<kind>/<version>"``
+(:func:`format_tag`), checked when it is read back (:func:`check_format`);
+files read back whole carry their SHA-256 (:func:`sha256_file`). Every file it trusts
 (pretrained weights, a user's state dict, a training checkpoint) is read with
 ``torch.load(weights_only=True)``, which refuses pickled Python objects
 (loading them can run arbitrary code); every file written for later
@@ -13,16 +15,15 @@ resuming is written atomically.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 __all__ = ["FORMATS", "FormatError", "atomic_save", "atomic_write", "check_format",
-           "format_tag", "load_weights_only"]
+           "format_tag", "hash_stream", "load_weights_only", "sha256_file"]
 
 #: The on-disk formats, by kind, with the version this release reads and writes. A version
 #: changes when what is written changes meaning; older versions are refused, never guessed.
@@ -32,11 +33,37 @@ FORMATS = {
     "fit-checkpoint": 5,  # TrainingCheckpoint's file
     "persistence": 2,  # persistence.dump's zip file
     "converted-network": 1,  # an OpenVINO network kept in a feature cache directory
+    "exported-model": 1,  # export()'s folder: an OpenVINO network and what it expects
 }
 
 
 class FormatError(ValueError):
     """A file or folder is not of the format (kind and version) this release reads."""
+
+
+_CHUNK = 1 << 20
+
+
+def hash_stream(h: Any, fh: BinaryIO) -> Any:
+    """Feed hashlib object ``h`` with the rest of binary file ``fh`` in 1 MiB chunks; return it."""
+    for chunk in iter(lambda: fh.read(_CHUNK), b""):
+        h.update(chunk)
+    return h
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sklearn_transfer.files import sha256_file
+    >>> with tempfile.NamedTemporaryFile() as fh:
+    ...     sha256_file(fh.name)[:12]
+    'e3b0c44298fc'
+    """
+    with open(path, "rb") as fh:
+        return hash_stream(hashlib.sha256(), fh).hexdigest()
 
 
 def format_tag(kind: str, version: int | None = None) -> str:
@@ -100,6 +127,8 @@ def load_weights_only(path: str | os.PathLike | BinaryIO, what: str = "checkpoin
     ValueError
         The file is damaged, not a torch file, or holds pickled objects.
     """
+    import torch  # here: the exported-model loader reads this module without torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
@@ -136,5 +165,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[str]:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically (see :func:`atomic_write`)."""
+    import torch
+
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)

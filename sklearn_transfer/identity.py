@@ -10,8 +10,9 @@ what "the same" means:
 * :func:`fingerprint`: the SHA-256 of any value: a network by its
   architecture and every tensor, parameters by a stable description
   (:func:`describe`), never by memory addresses that change per process;
-* :func:`data_digest`: the SHA-256 of a list of images and their labels;
-* :func:`sha256_file`: a file's SHA-256, read in chunks.
+* :func:`data_digest`: the SHA-256 of a list of images and their labels.
+
+The SHA-256 of a file written for later is :func:`sklearn_transfer.files.sha256_file`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import json
 import os
 import sys
 import time
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from sklearn_transfer.files import hash_stream
 from sklearn_transfer.images import (
     ImageSource,
     as_image_source,
@@ -39,31 +41,7 @@ from sklearn_transfer.images import (
 )
 
 __all__ = ["bytes_key", "content_key", "data_digest", "describe", "digest", "fingerprint",
-           "image_keys", "run_fingerprint", "sha256_file"]
-
-_CHUNK = 1 << 20
-
-
-def _update_from(h: Any, fh: BinaryIO) -> Any:
-    for chunk in iter(lambda: fh.read(_CHUNK), b""):
-        h.update(chunk)
-    return h
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> from sklearn_transfer.identity import sha256_file
-    >>> with tempfile.NamedTemporaryFile() as fh:
-    ...     sha256_file(fh.name)[:12]
-    'e3b0c44298fc'
-    """
-    with open(path, "rb") as fh:
-        return _update_from(hashlib.sha256(), fh).hexdigest()
-
+           "image_keys", "run_fingerprint"]
 
 def digest(*parts: bytes | str) -> str:
     """Hex SHA-256 of one or more byte strings (text is UTF-8 encoded).
@@ -192,7 +170,7 @@ def _file_key(item: str | os.PathLike, index: int) -> bytes:
             return known[1]
         started = time.time_ns()
         with open(name, "rb") as fh:
-            key = _update_from(hashlib.sha256(b"file:"), fh).digest()
+            key = hash_stream(hashlib.sha256(b"file:"), fh).digest()
         after = _stamp(name, index)
     except OSError as exc:
         raise file_error(exc, item, index) from None

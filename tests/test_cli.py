@@ -280,6 +280,12 @@ def test_extract_fails_when_every_image_failed(tmp_path, capsys):
         "read_codes(out).failures lists why")
 
 
+def test_export_refuses_an_existing_folder_in_one_line(codes_model, tmp_path, capsys):
+    (tmp_path / "exported").mkdir()
+    assert main(["export", str(codes_model), "--out", str(tmp_path / "exported")]) == 1
+    assert "exported' exists: export writes a new folder" in capsys.readouterr().err
+
+
 def test_fit_finetune_then_predict_matches_the_saved_model(class_folders, tmp_path):
     from sklearn_transfer import FineTunedClassifier
     from sklearn_transfer.persistence import load
@@ -385,3 +391,15 @@ def test_fit_predict_evaluate_on_real_images(tmp_path):
     for png in ("confusion_matrix.png", "top_losses.png"):
         with Image.open(report / png) as im:
             assert im.format == "PNG" and min(im.size) > 200
+
+    pytest.importorskip("openvino")
+    from sklearn_transfer import load_exported
+
+    run = cli("export", model, "--out", tmp_path / "exported")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.fullmatch(rf"{tmp_path / 'exported'}: Pipeline as one OpenVINO network, 2 "
+                        r"classes, [\d.]+ MB \(model.bin SHA-256 [0-9a-f]{12}…\)",
+                        run.stdout.strip())
+    exported = load_exported(tmp_path / "exported")  # at the model's precision, bfloat16 here
+    np.testing.assert_allclose(exported.predict_proba(paths), loaded.predict_proba(paths),
+                               atol=0.02)

@@ -18,7 +18,6 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
 import sklearn_transfer.checkpoint as checkpoint_module
-import sklearn_transfer.files as files_module
 from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
 
 from .conftest import REPO, colour_images, make_tiny_backbone
@@ -241,7 +240,7 @@ def test_a_write_interrupted_half_way_leaves_the_previous_checkpoint(tmp_path, m
         fh.truncate(100)  # the disk filled up, the process was killed ...
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(files_module.torch, "save", save_half_then_die)
+    monkeypatch.setattr(torch, "save", save_half_then_die)
     with pytest.raises(OSError, match="No space"):
         tiny(checkpoint_dir=tmp_path).fit(X, y)  # resumes, fails saving epoch 3
     assert checkpoints(tmp_path) == [name]  # no temporary file left behind
