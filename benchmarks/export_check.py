@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,6 +88,7 @@ def main() -> None:
                         f"| {a_est:.0f} | {a_exp:.0f} | {a_exp / a_est:.2f} |")
             print(rows[-1], flush=True)
     text = "\n".join([
+        f"Command: `{shlex.join(['python', 'benchmarks/export_check.py', *sys.argv[1:]])}`", "",
         f"hymenoptera: fit on {len(X)} training images, predicted {len(X_val)} validation "
         f"images; median of {args.rounds} alternating rounds; load average at start "
         f"{load:.1f}", "", *rows, ""])

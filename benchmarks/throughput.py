@@ -21,7 +21,9 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -176,9 +178,36 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:58s} {v:5.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"n": n, "defaults": default,
-                                               "first_fit_s": first_fit, "images_per_s": rate,
-                                               "ratios": ratios}, indent=2))
+        figures = {"n": n, "defaults": default, "first_fit_s": first_fit, "images_per_s": rate,
+                   "ratios": ratios, "load": os.getloadavg()[0]}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+        Path(args.json).with_suffix(".md").write_text(markdown(figures, sys.argv[1:]))
+
+
+#: what each measured way is, for the Markdown table
+WAYS = {
+    "transform (defaults)": "`CNNFeatureTransformer().transform` from the files (defaults: {})",
+    "transform (torch float32)":
+        '`CNNFeatureTransformer(engine="torch", precision="float32").transform`',
+    "transform (int8)": '`CNNFeatureTransformer(precision="int8").transform`',
+    "tutorial loop": "tutorial loop: `ImageFolder` + `DataLoader` + the network in float32",
+    "one at a time": "one image at a time",
+}
+
+
+def markdown(figures: dict, argv: list[str]) -> str:
+    """The table of ``figures`` (as written to the JSON file), with the command that made it."""
+    command = shlex.join(["python", "benchmarks/throughput.py", *argv])
+    lines = [f"Command: `{command}`", "", "| way | images/s |", "|---|---|"]
+    for way, rate in figures["images_per_s"].items():
+        name = WAYS.get(way, way).format(figures["defaults"])
+        lines.append(f"| {name} | {'**' if way == 'transform (defaults)' else ''}{rate:.1f}"
+                     f"{'**' if way == 'transform (defaults)' else ''} |")
+    lines += ["", "| ratio | |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in figures["ratios"].items()]
+    lines += ["", f"{figures['n']} real JPEGs, best of the interleaved rounds; load average at "
+                  f"the end {figures.get('load', float('nan')):.1f}.", ""]
+    return "\n".join(lines)
 
 
 def get_plain(name: str):

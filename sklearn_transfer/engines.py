@@ -52,7 +52,7 @@ from sklearn_transfer.openvino_runtime import INFERENCE_PRECISION, core, import_
 from sklearn_transfer.runtime import Runtime, native_precision, usable_cores
 
 __all__ = ["ENGINES", "EngineUnavailableError", "OpenVINOEngine", "TorchEngine",
-           "available_engines", "engine_for", "resolve_engine"]
+           "available_engines", "convert", "engine_for", "import_openvino", "resolve_engine"]
 
 ENGINES = ("auto", "torch", "openvino")
 
@@ -176,10 +176,10 @@ class OpenVINOEngine:
     def __init__(self, computation: CodesComputation, network: nn.Module,
                  directory: str | os.PathLike | None = None,
                  calibration: Iterable[torch.Tensor] | None = None) -> None:
-        ov = _import_openvino()
+        ov = import_openvino()
         model = _read_converted(ov, computation, directory)
         if model is None:
-            model = _convert(ov, computation, network)
+            model = convert(ov, computation, network)
             if computation.precision == "int8":
                 model = _quantize(model, computation, calibration)
         # torch.set_num_threads is the one knob for both engines: a Dask worker sharing the
@@ -242,9 +242,11 @@ class OpenVINOEngine:
 # --------------------------------------------------------------------- one per process
 
 #: engines of this process, by computation key, device and threads; a few at most, as each
-#: holds a network (a grid search over stages uses one per stage choice)
+#: holds a network (tens of MB): enough for a grid search's stage choices, a fine-tuning's
+#: frozen prefix and predictor, and an int8 network, which cannot be rebuilt without its
+#: calibration images once evicted (unless kept in a feature cache directory)
 _ENGINES: OrderedDict[tuple[str, str, int], TorchEngine | OpenVINOEngine] = OrderedDict()
-_KEEP = 4
+_KEEP = 8
 # torch's tracer is not thread-safe, and one conversion per computation is enough
 _BUILDING = threading.Lock()
 
@@ -324,15 +326,26 @@ def _built(computation: CodesComputation) -> nn.Module:
 # ------------------------------------------------------------------- OpenVINO's files
 
 
-def _import_openvino() -> Any:
+def import_openvino() -> Any:
+    """OpenVINO, imported without telemetry (:class:`EngineUnavailableError` if missing)."""
     try:
         return import_quietly("openvino", "OpenVINO is not installed")
     except ImportError as exc:
         raise EngineUnavailableError(str(exc)) from None
 
 
-def _convert(ov: Any, computation: CodesComputation, network: nn.Module) -> Any:
-    """The extractor as an OpenVINO model, checked against torch on an example batch."""
+def convert(ov: Any, computation: Any, network: nn.Module) -> Any:
+    """``computation.extractor(network)`` as an OpenVINO model, checked against torch on an
+    example batch of ``computation.data_config.input_size`` images.
+
+    The one conversion of the library: codes, a fine-tuning's frozen stages and
+    predictions, and exported models go through it.
+
+    Raises
+    ------
+    EngineUnavailableError
+        OpenVINO cannot convert the module, or computes other outputs than torch.
+    """
     size = computation.data_config.input_size
     # images in [0, 255]: uint8 unless the computation takes floats (mixed training images)
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8,

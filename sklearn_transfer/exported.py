@@ -26,6 +26,8 @@ import functools
 import json
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +37,15 @@ from PIL import Image, ImageOps
 from sklearn_transfer.files import FormatError, check_format, sha256_file
 from sklearn_transfer.openvino_runtime import INFERENCE_PRECISION, core
 
-__all__ = ["FILES", "ExportedModel", "load_exported", "resize_center_crop"]
+__all__ = ["FILES", "INTERPOLATIONS", "ExportedModel", "load_exported", "resize_center_crop"]
 
 #: The network's files in an exported folder (``model.json`` says what they are)
 FILES = ("model.xml", "model.bin")
 #: Filters that torchvision applies with Pillow (as here), the others with torch's kernels
 _PILLOW_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX,
                    "hamming": Image.Resampling.HAMMING}
+#: The resize filters an exported model reproduces
+INTERPOLATIONS = ("bilinear", "bicubic", *_PILLOW_FILTERS)
 
 
 class ExportedModel:
@@ -97,17 +101,25 @@ class ExportedModel:
         """The network's input: batches of uint8 images ``(n, 3, input_size, input_size)``.
 
         ``X`` holds image file paths, PIL images or uint8 ``(H, W, 3)`` arrays.
+        Images are read and resized on one thread per core, a batch ahead of
+        the one returned.
         """
-        meta, batch = self.metadata, []
-        for index, item in enumerate(X):
+        meta, items = self.metadata, enumerate(X)
+
+        def one(index: int, item: Any) -> np.ndarray:
             im = _rgb_image(item, index, meta["resize_size"])
-            batch.append(resize_center_crop(im, meta["resize_size"], meta["input_size"],
-                                            meta["interpolation"]))
-            if len(batch) == self.batch_size:
-                yield np.stack(batch)
-                batch = []
-        if batch:
-            yield np.stack(batch)
+            return resize_center_crop(im, meta["resize_size"], meta["input_size"],
+                                      meta["interpolation"])
+
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            def submit() -> list:
+                return [pool.submit(one, *pair) for pair in islice(items, self.batch_size)]
+
+            pending = submit()
+            while pending:
+                ahead = submit()
+                yield np.stack([future.result() for future in pending])
+                pending = ahead
 
     def _outputs(self, X: Iterable[Any]) -> np.ndarray:
         outs = [self._compiled(images)[0] for images in self.pixels(X)]
@@ -223,36 +235,42 @@ def resize_center_crop(im: Image.Image, resize_size: int, crop_size: int,
     w, h = im.size
     size = ((resize_size, int(resize_size * h / w)) if w <= h
             else (int(resize_size * w / h), resize_size))
-    if interpolation in _PILLOW_FILTERS:
-        arr = np.asarray(im.resize(size, _PILLOW_FILTERS[interpolation]))
-    else:
-        arr = _resample(_resample(np.asarray(im), size[0], 1, interpolation),
-                        size[1], 0, interpolation)
     top = int(round((size[1] - crop_size) / 2.0))
     left = int(round((size[0] - crop_size) / 2.0))
-    return np.ascontiguousarray(arr[top:top + crop_size, left:left + crop_size].transpose(2, 0, 1))
+    if interpolation in _PILLOW_FILTERS:
+        arr = np.asarray(im.resize(size, _PILLOW_FILTERS[interpolation]))
+        arr = arr[top:top + crop_size, left:left + crop_size]
+    else:  # only the pixels the crop keeps: each is computed on its own, as in the whole
+        arr = _resample(np.asarray(im), size[0], 1, interpolation, left, crop_size)
+        arr = _resample(arr, size[1], 0, interpolation, top, crop_size)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def _resample(arr: np.ndarray, n_out: int, axis: int, interpolation: str) -> np.ndarray:
-    """One separable pass of torch's antialiased uint8 resampling along ``axis``.
+def _resample(arr: np.ndarray, n_out: int, axis: int, interpolation: str, start: int,
+              count: int) -> np.ndarray:
+    """Output pixels ``start`` to ``start + count`` of one separable pass of torch's
+    antialiased uint8 resampling to ``n_out`` pixels along ``axis``.
 
     Its fixed-point arithmetic (integer weights at the highest precision an
-    int16 holds, rounding then a shift), so that pixels come out identical.
+    int16 holds, rounding, then a shift), so that pixels come out identical.
     """
-    n_in = arr.shape[axis]
-    if n_in == n_out:
-        return arr
-    weights, precision = _weights(n_in, n_out, interpolation)
-    moved = np.moveaxis(arr, axis, -1).astype(np.float64)
-    # float64 sums of uint8 x int16 products are exact integers: BLAS speed, integer result
-    acc = (moved @ weights.T).astype(np.int64) + (1 << (precision - 1))
-    out = np.clip(acc >> precision, 0, 255).astype(np.uint8)
-    return np.moveaxis(out, -1, axis)
+    if arr.shape[axis] == n_out:
+        return np.take(arr, np.arange(start, start + count), axis=axis)
+    index, weights, precision = _weights(arr.shape[axis], n_out, interpolation)
+    index, weights = index[start:start + count], weights[start:start + count]
+    shape = [1] * arr.ndim
+    shape[axis] = count
+    acc = np.int32(1 << (precision - 1))  # int32 as torch's sums: 255 x 2**15 x taps fits
+    for tap in range(index.shape[1]):  # a few taps: one whole-image product each
+        acc = acc + np.take(arr, index[:, tap], axis=axis).astype(np.int32) \
+            * weights[:, tap].reshape(shape)
+    return np.clip(acc >> precision, 0, 255).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=64)
-def _weights(n_in: int, n_out: int, interpolation: str) -> tuple[np.ndarray, int]:
-    """The ``(n_out, n_in)`` integer weight matrix of one pass, and its precision in bits."""
+def _weights(n_in: int, n_out: int, interpolation: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each output pixel's input pixels and integer weights ``(n_out, taps)``, and the
+    weights' precision in bits."""
     if interpolation == "bilinear":
         half = 1.0
 
@@ -271,16 +289,15 @@ def _weights(n_in: int, n_out: int, interpolation: str) -> tuple[np.ndarray, int
     support = half * scale if scale >= 1 else half
     invscale = 1.0 / scale if scale >= 1 else 1.0  # a product, as torch: x / s may round apart
     taps = int(np.ceil(support)) * 2 + 1
-    rows = []
+    index = np.zeros((n_out, taps), dtype=np.intp)
+    real = np.zeros((n_out, taps))
     for i in range(n_out):
         center = scale * (i + 0.5)
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), n_in, lo + taps)
         w = kernel((np.arange(lo, hi) - center + 0.5) * invscale)
-        rows.append((lo, w / w.sum() if w.sum() != 0 else w))
-    largest = max(float(w.max()) for _, w in rows)
+        index[i, :hi - lo], real[i, :hi - lo] = np.arange(lo, hi), w / w.sum() if w.sum() else w
+    largest = float(real.max())
     precision = next((p for p in range(22) if int(0.5 + largest * (1 << (p + 1))) >= 1 << 15), 22)
-    matrix = np.zeros((n_out, n_in))
-    for i, (lo, w) in enumerate(rows):
-        matrix[i, lo:lo + len(w)] = np.trunc(w * (1 << precision) + np.where(w < 0, -0.5, 0.5))
-    return matrix, precision
+    weights = np.trunc(real * (1 << precision) + np.where(real < 0, -0.5, 0.5)).astype(np.int32)
+    return index, weights, precision

@@ -25,7 +25,7 @@ import copy
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.preprocessing import LabelBinarizer, Normalizer, StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 import sklearn_transfer
-from sklearn_transfer.engines import _convert, _import_openvino
-from sklearn_transfer.exported import FILES
+from sklearn_transfer.engines import convert, import_openvino
+from sklearn_transfer.exported import FILES, INTERPOLATIONS
 from sklearn_transfer.features import CNNFeatureTransformer
 from sklearn_transfer.files import format_tag, sha256_file
 from sklearn_transfer.finetune import FineTunedClassifier
@@ -108,10 +108,15 @@ def export(estimator: Any, path: str | os.PathLike) -> Path:
             f"classifier), a fitted FineTunedClassifier or a fitted search of them; got "
             f"{type(estimator).__name__}")
     config: DataConfig = meta.pop("data_config")
-    ov = _import_openvino()
-    model = _convert(ov, _Network(meta["estimator"], config), network)
+    if config.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"export: the network resizes its images with "
+                         f"{config.interpolation!r}, which the exported model's loader does not "
+                         f"reproduce; it knows {list(INTERPOLATIONS)}")
+    ov = import_openvino()
+    model = convert(ov, _Network(meta["estimator"], config), network)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # mkdtemp's 0700 would stay
+    tmp.mkdir()
     try:
         ov.save_model(model, tmp / FILES[0], compress_to_fp16=False)
         (tmp / "model.json").write_text(json.dumps({
@@ -144,7 +149,7 @@ class _Network:
 def _fine_tuned(clf: FineTunedClassifier) -> tuple[nn.Module, dict]:
     check_is_fitted(clf, "module_")
     module = copy.deepcopy(clf.module_).cpu()  # a network trained on a GPU exports too
-    multilabel = clf._is_multilabel()
+    multilabel = isinstance(clf.label_encoder_, LabelBinarizer)  # as MLPClassifier's
     network = Predictor.of(module, multilabel, clf.tta).extractor(module)
     return network, {
         "estimator": "FineTunedClassifier", "output": "predict_proba", "multilabel": multilabel,

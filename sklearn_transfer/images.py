@@ -48,7 +48,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLoadError", "ImageSource", "as_image_source", "decode_image_bytes", "file_error",
+__all__ = ["MAX_IMAGE_BYTES", "URL_CONCURRENCY", "URL_CONNECT_TIMEOUT", "URL_READ_TIMEOUT",
+           "ImageLoadError", "ImageSource", "as_image_source", "decode_image_bytes", "file_error",
            "is_url", "load_image_folder", "read_image_bytes", "read_images_bytes", "regular_file"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
@@ -204,11 +205,13 @@ def read_images_bytes(items: Sequence[str | os.PathLike],
 
 
 #: requests in flight per batch: object stores take many more, but a small server's accept
-#: queue (python -m http.server: 5) drops the connections beyond it, each then waiting 1 s
+#: queue drops the connections beyond a few, each then waiting for a retry
 URL_CONCURRENCY = 4
-#: seconds an http(s) image URL may take to connect, and to send its next bytes (its
-#: headers included): a server that accepts and never answers, or stalls, fails then
+#: seconds an http(s) image URL may take to connect: a server that accepts and never
+#: answers fails then
 URL_CONNECT_TIMEOUT = 10.0
+#: seconds an http(s) image URL may take to send its next bytes (its headers included): a
+#: server that stalls mid-way fails then
 URL_READ_TIMEOUT = 30.0
 #: bytes an image file or URL may have: a larger one is refused after reading this much
 #: (as PIL.Image.MAX_IMAGE_PIXELS for pixels), never read whole

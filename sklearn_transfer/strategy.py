@@ -93,13 +93,14 @@ def auto_strategies(backbone: Any = "efficientnet_lite0", memory: Any = None,
 
 
 def _is_net(estimator: Any) -> bool:
-    """A skorch net: its cost grows with ``max_epochs`` and can be probed by one epoch."""
+    """A skorch net: its cost grows with ``max_epochs`` and can be probed by two short epochs."""
     return isinstance(estimator, NeuralNet)
 
 
 def _best_has(name: str):
     """For ``available_if``: whether the best estimator has the method ``name``."""
     def check(search: StrategySearchCV) -> bool:
+        # BaseSearchCV's own refit=False check (private; its _search_estimator_has calls it)
         search._check_refitted(name)
         return hasattr(search.best_estimator_, name)
     return check
@@ -148,7 +149,7 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     heads share one extraction through a feature cache, then the fine-tunings
     (skorch nets), in the order given (``"auto"``: the fewer stages trained,
     the earlier). A fine-tuning (any skorch net) is estimated
-    before it runs, from one training epoch on a few batches (its measured
+    before it runs, from two training epochs on a few batches (its measured
     images/s); when the time spent so far plus the estimate would exceed
     ``time_budget``, it is skipped and reported with its estimated cost.
 
@@ -363,30 +364,37 @@ class StrategySearchCV(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         return rows
 
     def _estimate(self, net: Any, X: Any, y: np.ndarray, n_train: float) -> float:
-        """Seconds of ``net``'s cross-validation, from one epoch and one prediction on two batches.
+        """Seconds of ``net``'s cross-validation, from two epochs and two predictions on two
+        batches.
 
-        A fold costs: building the network, ``max_epochs`` times (training on
-        what ``train_split`` leaves, evaluating the rest), then predicting the
-        test fold; the probe itself is counted too.
+        A fold costs: building the network and compiling its predictions (the
+        probe's first prediction less its second), ``max_epochs`` times
+        (training on what ``train_split`` leaves, evaluating the rest), then
+        predicting the test fold; the probe itself is counted too. The second
+        epoch and prediction are the per-image rates: the first ones also
+        convert what the engine runs once (the frozen stages: once per search).
         """
         batch = net.batch_size if net.batch_size > 0 else 32
         idx = _probe_subset(y, min(len(y), 2 * batch))
         X_probe = [X[i] for i in idx]  # a list of paths, arrays, PIL images or tensors
-        probe = clone(net).set_params(max_epochs=1, train_split=None)
+        probe = clone(net).set_params(max_epochs=2, train_split=None)
         t0 = time.perf_counter()
         probe.fit(X_probe, y[idx])
         t1 = time.perf_counter()
         probe.predict_proba(X_probe)
         t2 = time.perf_counter()
-        train_epoch = probe.history_[-1, "dur"]
-        per_train, per_eval = train_epoch / len(idx), (t2 - t1) / len(idx)
-        overhead = max(t1 - t0 - train_epoch, 0.0)  # building the network, initialising
+        probe.predict_proba(X_probe)
+        t3 = time.perf_counter()
+        epochs = probe.history_[:, "dur"]
+        per_train, per_eval = epochs[-1] / len(idx), (t3 - t2) / len(idx)
+        # building the network, and compiling the fitted one for its predictions
+        overhead = max(t1 - t0 - sum(epochs), 0.0) + max((t2 - t1) - (t3 - t2), 0.0)
         split = getattr(net.train_split, "cv", 0.2) if net.train_split is not None else 0.0
         valid = split if isinstance(split, float) else 1 / split
         epoch = n_train * ((1 - valid) * per_train + valid * per_eval)
         n_test = len(y) / self.n_splits_
         fold = overhead + net.max_epochs * epoch + n_test * per_eval
-        return (t2 - t0) + self.n_splits_ * fold
+        return (t3 - t0) + self.n_splits_ * fold
 
     def _say(self, text: str) -> None:
         if self.verbose:

@@ -75,6 +75,20 @@ def dask_client(tmp_path_factory):
 
 
 @pytest.fixture
+def one_torch_thread(request):
+    """One intra-op torch thread: tiny networks run faster on it (far faster on a busy
+    machine), with the reduction order of subprocesses and Dask workers, so that results
+    compare bit for bit. Tests marked ``data`` (real networks) keep every thread."""
+    if request.node.get_closest_marker("data"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_backbone() -> Backbone:
     return make_tiny_backbone()
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
@@ -37,16 +36,7 @@ P3 = np.array([[.9, .05, .05], [.3, .6, .1], [.2, .7, .1], [.5, .4, .1], [.6, .2
                [.1, .8, .1], [.2, .2, .6]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny networks run faster on one thread; the real-data tests keep them all."""
-    if request.node.get_closest_marker("data"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

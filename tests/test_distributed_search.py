@@ -19,13 +19,6 @@ from tests.conftest import colour_images, make_tiny_backbone
 pytest.importorskip("distributed")
 
 
-@pytest.fixture
-def one_thread():
-    """Dask's nanny gives each worker OMP_NUM_THREADS=1: the local run must match it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def labelled_pngs(folder, n: int = 24):
@@ -48,7 +41,8 @@ def str_values(params: dict) -> dict:
     return {k: repr(v) for k, v in params.items()}
 
 
-def test_a_cached_pipeline_search_on_dask_matches_the_local_one(dask_client, tmp_path, one_thread):
+def test_a_cached_pipeline_search_on_dask_matches_the_local_one(dask_client, tmp_path,
+                                                                one_torch_thread):
     X, y = labelled_pngs(tmp_path / "images")
     assert dask_client.run(torch.get_num_threads) == dict.fromkeys(dask_client.run(os.getpid), 1)
 
@@ -78,7 +72,7 @@ def test_a_cached_pipeline_search_on_dask_matches_the_local_one(dask_client, tmp
     np.testing.assert_array_equal(on_dask.predict(X), local.predict(X))
 
 
-def test_a_fine_tuning_search_on_dask_matches_the_local_one(dask_client, one_thread):
+def test_a_fine_tuning_search_on_dask_matches_the_local_one(dask_client, one_torch_thread):
     X = colour_images(24, size=32, seed=1)
     y = np.array(["red" if arr[..., 0].mean() > 127 else "other" for arr in X])
 

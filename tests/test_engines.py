@@ -126,7 +126,7 @@ def test_the_converted_network_is_kept_in_the_cache_directory(tmp_path, monkeypa
 
     # a later process: nothing compiled in memory, the converted form read from disk
     monkeypatch.setattr(engines, "_ENGINES", type(engines._ENGINES)())
-    monkeypatch.setattr(engines, "_convert", no_conversion)
+    monkeypatch.setattr(engines, "convert", no_conversion)
     again = tiny(memory=tmp_path).fit()
     assert again.computation_.engine == "openvino"
     np.testing.assert_array_equal(again.transform(X), codes)

@@ -24,17 +24,7 @@ from sklearn_transfer.network import FineTuneModule
 
 from .conftest import colour_images, make_tiny_backbone, real_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread_for_tiny_networks(request):
-    """Tiny networks run faster on one thread (and far faster on a busy machine)."""
-    if request.node.get_closest_marker("data"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**params) -> FineTunedClassifier:

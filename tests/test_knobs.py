@@ -20,12 +20,10 @@ from sklearn_transfer import FineTunedClassifier
 from sklearn_transfer.batches import MixBatch
 
 from .conftest import colour_images
-from .test_finetune import (
-    one_thread_for_tiny_networks,  # noqa: F401 (an autouse fixture)
-    tiny,
-    two_colours,
-)
+from .test_finetune import tiny, two_colours
 from .test_multilabel import bright_channels
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Losses:

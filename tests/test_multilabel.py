@@ -23,8 +23,9 @@ from sklearn_transfer import FineTunedClassifier, load_image_folder
 from sklearn_transfer.persistence import dump, load
 
 from .conftest import make_tiny_backbone, real_dataset
-from .test_finetune import one_thread_for_tiny_networks  # noqa: F401 (an autouse fixture)
 from .test_finetune import tiny as finetune_tiny
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**params) -> FineTunedClassifier:

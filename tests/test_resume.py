@@ -22,15 +22,7 @@ from sklearn_transfer import CNNFeatureTransformer, FineTunedClassifier
 
 from .conftest import REPO, colour_images, make_tiny_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: fast for tiny networks, and the same reduction order as the
-    subprocesses, so that results can be compared bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**params) -> FineTunedClassifier:
