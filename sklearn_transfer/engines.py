@@ -387,8 +387,8 @@ def _quantize(model: Any, computation: CodesComputation,
     nncf = import_quietly("nncf", "precision='int8' needs NNCF: pip install "
                                    "'sklearn-transfer[int8]'")
     batches = [b.numpy() for b in calibration]
-    return nncf.quantize(model, nncf.Dataset(batches),
-                         subset_size=sum(len(b) for b in batches))
+    # subset_size counts the dataset's items, here batches: every one of them
+    return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
 
 
 _FILES = ("network.xml", "network.bin")
