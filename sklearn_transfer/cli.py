@@ -525,14 +525,14 @@ def extract(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     """Run the ``export`` command; returns the exit status."""
     from sklearn_transfer.exporting import export as export_model
-    from sklearn_transfer.files import sha256_file
 
     model = _load_model(args.model)
     folder = export_model(model, args.out)
     size = sum(f.stat().st_size for f in folder.iterdir())
+    digest = json.loads((folder / "model.json").read_text())["sha256"]["model.bin"]
     print(f"{folder}: {type(getattr(model, 'best_estimator_', model)).__name__} as one "
           f"OpenVINO network, {len(model.classes_)} classes, {size / 1e6:.1f} MB "
-          f"(model.bin SHA-256 {sha256_file(folder / 'model.bin')[:12]}…)")
+          f"(model.bin SHA-256 {digest[:12]}…)")
     return 0
 
 

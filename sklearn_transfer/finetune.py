@@ -869,21 +869,18 @@ class FineTunedClassifier(NeuralNetClassifier):
         scaler = self.__dict__.get("grad_scaler_")
         if scaler is None:
             scaler = self.grad_scaler_ = torch.amp.GradScaler(self._runtime().device.type)
-        optimizers = [self.optimizer_]  # the one optimizer initialize_optimizer builds
-        for optimizer in optimizers:
-            optimizer.zero_grad()
+        optimizer = self.optimizer_  # the one optimizer initialize_optimizer builds
+        optimizer.zero_grad()
         self.module_.train()
         self.criterion_.train()
         Xi, yi = unpack_data(batch)
         y_pred = self.infer(Xi, **fit_params)
         loss = self.get_loss(y_pred, yi, X=Xi, training=True)
         scaler.scale(loss).backward()
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)  # callbacks (gradient clipping) see true gradients
+        scaler.unscale_(optimizer)  # callbacks (gradient clipping) see true gradients
         self.notify("on_grad_computed", batch=batch, training=True,
                     named_parameters=TeeGenerator(self.get_all_learnable_params()))
-        for optimizer in optimizers:
-            scaler.step(optimizer)
+        scaler.step(optimizer)
         scaler.update()
         return {"loss": loss, "y_pred": y_pred}
 
