@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sklearn_transfer.files import load_weights_only, sha256_file
+from sklearn_transfer.files import sha256_file
 from sklearn_transfer.identity import fingerprint
 from sklearn_transfer.preprocessing import DataConfig
 
@@ -292,11 +292,12 @@ class Backbone(nn.Module):
 
 
 def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a state dict without running arbitrary pickled code.
+    """Read a state dict without running arbitrary pickled code, by timm's ``load_state_dict``.
 
-    ``.safetensors`` files are read with safetensors; anything else with
+    ``.safetensors`` files are read with safetensors, anything else with
     ``torch.load(weights_only=True)``, which refuses pickled objects other than
-    tensors and plain containers. With ``sha256`` the file is verified first.
+    tensors and plain containers; a training checkpoint's ``state_dict`` (or
+    its EMA weights) is taken out of it. With ``sha256`` the file is verified first.
 
     Parameters
     ----------
@@ -308,6 +309,8 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[
     -------
     dict of str to torch.Tensor
     """
+    from timm.models import load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
@@ -318,21 +321,21 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[
                 f"weights file {str(path)!r} has SHA-256 {digest}, expected {sha256}: "
                 "the file is damaged or not the one this library knows; reinstall its package"
             )
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise ImportError(
-                f"reading {str(path)!r} needs the 'safetensors' package: pip install safetensors"
-            ) from exc
-        return load_file(str(path))
-    state = load_weights_only(path, what="weights file")
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} does not hold a state dict but a {type(state).__name__}")
+    if path.suffix == ".safetensors" and importlib.util.find_spec("safetensors") is None:
+        raise ImportError(
+            f"reading {str(path)!r} needs the 'safetensors' package: pip install safetensors")
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ValueError(
+            f"could not read the weights file {str(path)!r} ({type(exc).__name__}): it is "
+            "damaged, not a PyTorch or safetensors file, or holds pickled Python objects, which "
+            "are refused because loading them can run arbitrary code. Save plain tensors with "
+            "torch.save(model.state_dict(), path).") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors (it holds "
+                         f"{keys}); save one with torch.save(model.state_dict(), path)")
     return state
 
 
@@ -460,7 +463,14 @@ def _grouped_stages(
 
 
 def _cut(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], nn.Module | None]:
-    """Cut a torchvision or timm classifier into stages and its head, by family."""
+    """Cut a torchvision or timm classifier into stages and its head.
+
+    EfficientNet/MobileNetV2-like, ResNet and stem + stages networks are cut into every
+    block stage, as timm's ``forward_intermediates(extra_blocks=True)`` walks them; other
+    timm networks at the modules their ``feature_info`` names; torchvision's others into
+    the children of ``features`` (torchvision describes no stages: its
+    ``create_feature_extractor`` traces a graph, which has no stage modules to freeze).
+    """
     if all(hasattr(model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
         return _efficientnet_like_stages(model), getattr(model, "classifier", None)
     if all(hasattr(model, a) for a in ("conv1", "layer1", "layer4")):  # ResNet family
@@ -476,6 +486,8 @@ def _cut(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], nn.M
         if isinstance(getattr(model, "final_conv", None), nn.Module):
             stages.append(("final_conv", model.final_conv))
         return stages, None
+    if hasattr(model, "feature_info") and (stages := _feature_info_stages(model)):
+        return stages, None  # timm's other families: its own description
     if isinstance(getattr(model, "features", None), nn.Sequential):  # torchvision families
         stages = [(f"features.{i}", m) for i, m in enumerate(model.features)]
         # DenseNet ends its features without the final ReLU that its head applies
@@ -490,6 +502,32 @@ def _cut(model: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], nn.M
         "sklearn_transfer.Backbone from its stages yourself, or pass an nn.Sequential whose "
         "children are the stages"
     )
+
+
+def _feature_info_stages(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """A timm model cut at the modules its ``feature_info`` names, in the module order of
+    timm's ``FeatureDictNet``; None unless the stages reproduce ``forward_features``."""
+    from timm.models import FeatureDictNet
+
+    names = [info["module"] for info in model.feature_info]
+    try:
+        layers = FeatureDictNet(model, out_indices=tuple(range(len(names))),
+                                flatten_sequential=True)
+    except AssertionError:  # timm's own check: a cut point is not in its module order
+        return None
+    stages, group = [], []
+    for name, module in layers.items():
+        group.append(module)
+        if name in layers.return_layers:
+            stages.append((names[len(stages)], nn.Sequential(*group)))
+            group = []
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    with torch.inference_mode():
+        model.eval()
+        expected, got = model.forward_features(x), nn.Sequential(*[m for _, m in stages])(x)
+        model.train(was_training)
+    return stages if got.shape == expected.shape and torch.allclose(got, expected) else None
 
 
 class _ForwardFeatures(nn.Module):
@@ -572,7 +610,8 @@ def get_backbone(
           plain timm name torchvision does not know): downloaded on first use;
         * a ``Backbone`` (used as is) or an ``nn.Module``: an ``nn.Sequential``'s
           children become the stages; ResNet, EfficientNet/MobileNet, ConvNeXt
-          and ``features``-style networks are cut by family.
+          and ``features``-style networks are cut by family, other timm networks
+          at the modules their ``feature_info`` names.
     weights : "pretrained", None or path-like
         ``"pretrained"``: the weights named above; ``None``: random
         initialisation; a path: a local state-dict file (read with

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -72,21 +72,31 @@ class ExportedModel:
         return (f"ExportedModel({str(self.folder)!r}, {self.metadata['estimator']}, "
                 f"{len(self.classes_)} classes, precision={self.precision!r})")
 
-    def predict_proba(self, X: Iterable[Any]) -> np.ndarray:
-        """Class probabilities, columns in the order of ``classes_``."""
+    # properties, so that hasattr() sees only the output the export has, as scikit-learn's
+    # available_if shows a pipeline's (scikit-learn is not imported here)
+    @property
+    def predict_proba(self) -> Callable[[Iterable[Any]], np.ndarray]:
+        """Class probabilities of images, columns in the order of ``classes_``.
+
+        Absent when the exported head had no ``predict_proba`` (it outputs decision scores).
+        """
         if self.metadata["output"] != "predict_proba":
             raise AttributeError(
                 f"the exported {self.metadata['estimator']} has no predict_proba, as its head "
                 "had none: its network outputs decision scores; use decision_function")
-        return self._outputs(X)
+        return self._outputs
 
-    def decision_function(self, X: Iterable[Any]) -> np.ndarray:
-        """Decision scores, as the exported head's ``decision_function``."""
+    @property
+    def decision_function(self) -> Callable[[Iterable[Any]], np.ndarray]:
+        """Decision scores of images, as the exported head's ``decision_function``.
+
+        Absent when the export outputs probabilities.
+        """
         if self.metadata["output"] != "decision_function":
             raise AttributeError(
                 f"the exported {self.metadata['estimator']} outputs probabilities: use "
                 "predict_proba")
-        return self._outputs(X)
+        return self._outputs
 
     def predict(self, X: Iterable[Any]) -> np.ndarray:
         """Predicted labels (for a multi-label classifier, the 0/1 indicator matrix)."""

@@ -19,7 +19,6 @@ listing, and leaves no output file.
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 import warnings
@@ -267,8 +266,9 @@ def write_predictions(estimator: Any, images: Iterable[str | os.PathLike],
     images : iterable of paths
         Read lazily, ``chunk_size`` at a time (see :func:`iter_image_paths`).
     out : path-like
-        Ending in ``.csv`` (the ``csv`` module) or ``.parquet`` (pyarrow's
-        ``ParquetWriter``, one row group per chunk). Written under a
+        Ending in ``.csv`` or ``.parquet``, written by pyarrow's ``CSVWriter`` or
+        ``ParquetWriter`` (one row group per chunk); an image that failed has empty
+        (null) label and probabilities. Written under a
         temporary name and renamed when complete.
     chunk_size : int, default=1000
         Paths predicted per call and rows per write: the memory held.
@@ -317,13 +317,13 @@ def write_predictions(estimator: Any, images: Iterable[str | os.PathLike],
 
     started = time.perf_counter()
     out = Path(out)
-    writer_class = _CSVWriter if output_format(out) == "csv" else _ParquetWriter
+    fmt = output_format(out)
     check_is_fitted(estimator)
     classes = np.asarray(estimator.classes_).tolist() if hasattr(estimator, "predict_proba") \
         else []
     columns = _columns(classes)
     n_images, n_failed, first_error = 0, 0, None
-    with atomic_write(out) as tmp, writer_class(tmp, columns, classes) as writer, \
+    with atomic_write(out) as tmp, _TableWriter(tmp, columns, classes, fmt) as writer, \
             tqdm(total=total, unit="img", desc="predict", disable=not progress) as bar:
         for paths, values, errors in predict_chunks(estimator, images, chunk_size, on_error):
             writer.write(paths, values, errors, estimator)
@@ -387,39 +387,25 @@ def _labels(values: np.ndarray, errors: list, estimator: Any) -> list:
     return [None if e is not None else b for b, e in zip(best.tolist(), errors, strict=True)]
 
 
-class _CSVWriter:
-    def __init__(self, path: str, columns: list[str], classes: list) -> None:
-        self.fh = open(path, "w", newline="", encoding="utf-8")
-        self.csv = csv.writer(self.fh)
-        self.csv.writerow(columns)
-        self.n_classes = len(classes)
+class _TableWriter:
+    """Each chunk as one pyarrow table, appended by pyarrow's CSV or Parquet writer."""
 
-    def __enter__(self) -> _CSVWriter:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.fh.close()
-
-    def write(self, paths: list, values: np.ndarray, errors: list, estimator: Any) -> None:
-        labels = _labels(values, errors, estimator)
-        probas = values.tolist() if values.ndim == 2 else [[]] * len(paths)
-        for path, label, proba, error in zip(paths, labels, probas, errors, strict=True):
-            cells = [""] * self.n_classes if error is not None else proba
-            self.csv.writerow([path, "" if label is None else label, *cells, error or ""])
-
-
-class _ParquetWriter:
-    def __init__(self, path: str, columns: list[str], classes: list) -> None:
+    def __init__(self, path: str, columns: list[str], classes: list, fmt: str) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow.csv
+        import pyarrow.parquet
 
         label_type = pa.array(np.asarray(classes)).type if classes else pa.string()
         fields = [("path", pa.string()), ("label", label_type)]
         fields += [(name, pa.float64()) for name in columns[2:-1]] + [("error", pa.string())]
         self.schema = pa.schema(fields)
-        self.writer = pq.ParquetWriter(path, self.schema)
+        if fmt == "csv":
+            options = pyarrow.csv.WriteOptions(quoting_style="needed")
+            self.writer = pyarrow.csv.CSVWriter(path, self.schema, write_options=options)
+        else:
+            self.writer = pyarrow.parquet.ParquetWriter(path, self.schema)
 
-    def __enter__(self) -> _ParquetWriter:
+    def __enter__(self) -> _TableWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -191,6 +191,17 @@ def test_torchvision_and_timm_names_are_cut_by_family():
     assert get_backbone("mobilenet_v3_small", weights=None).num_stages == 13
 
 
+def test_other_timm_networks_are_cut_at_their_feature_info():
+    import timm
+
+    model = timm.create_model("mobilenetv3_small_100", pretrained=False).eval()
+    net = get_backbone(model)
+    assert net.stage_names == [info["module"] for info in model.feature_info]
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.equal(net.forward_features(x), model.forward_features(net.normalize(x)))
+
+
 def test_unknown_names_and_types_are_clear_errors():
     with pytest.raises(ValueError, match="not a known name"):
         get_backbone("resnet_9000")

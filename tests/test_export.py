@@ -119,6 +119,7 @@ def test_linear_heads_give_their_own_outputs(steps, tmp_path):
                                atol=1e-5)
     assert (model.predict(list(images)) == clf.predict(images)).all()
     other = "decision_function" if method == "predict_proba" else "predict_proba"
+    assert hasattr(model, method) and not hasattr(model, other)  # as the pipeline
     with pytest.raises(AttributeError, match=f"use {method}"):
         getattr(model, other)(images)
 
