@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import struct
@@ -33,6 +34,14 @@ def real_dataset(name: str) -> Path:
             "folder holding it (the project's ../shared/data)"
         )
     return path
+
+
+def skip_without(module: str, reason: str) -> None:
+    """Skip unless ``module`` is installed, without importing it: OpenVINO and NNCF imported
+    here (outside the library's telemetry-free import) would send usage events from every
+    later conversion of the test session."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed: {reason}", allow_module_level=True)
 
 
 def make_tiny_backbone(seed: int = 0) -> Backbone:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from sklearn_transfer import CNNFeatureTransformer, read_codes
 from sklearn_transfer.__main__ import main
-from tests.conftest import REPO, colour_images, real_dataset
+from tests.conftest import REPO, colour_images, real_dataset, skip_without
 
 
 @pytest.fixture
@@ -392,7 +392,7 @@ def test_fit_predict_evaluate_on_real_images(tmp_path):
         with Image.open(report / png) as im:
             assert im.format == "PNG" and min(im.size) > 200
 
-    pytest.importorskip("openvino")
+    skip_without("openvino", "export writes an OpenVINO network")
     from sklearn_transfer import load_exported
 
     run = cli("export", model, "--out", tmp_path / "exported")

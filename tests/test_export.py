@@ -26,9 +26,9 @@ from sklearn_transfer.exported import _rgb_image, resize_center_crop
 from sklearn_transfer.files import FormatError
 from sklearn_transfer.preprocessing import DataConfig
 
-from .conftest import colour_images, make_tiny_backbone, real_dataset, run_python
+from .conftest import colour_images, make_tiny_backbone, real_dataset, run_python, skip_without
 
-pytest.importorskip("openvino")
+skip_without("openvino", "an export is an OpenVINO network")
 
 #: a fresh interpreter in which torch, scikit-learn, skorch (and what needs them) cannot load
 BLOCKED = """

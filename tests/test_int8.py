@@ -7,9 +7,9 @@ import pytest
 
 from sklearn_transfer import CNNFeatureTransformer, FeatureCache
 
-from .conftest import colour_images, make_tiny_backbone, run_python
+from .conftest import colour_images, make_tiny_backbone, run_python, skip_without
 
-pytest.importorskip("nncf", reason="precision='int8' needs the int8 extra (NNCF)")
+skip_without("nncf", "precision='int8' needs the int8 extra (NNCF)")
 
 
 def tiny(**params) -> CNNFeatureTransformer:
