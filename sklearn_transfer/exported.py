@@ -76,7 +76,8 @@ class ExportedModel:
     # available_if shows a pipeline's (scikit-learn is not imported here)
     @property
     def predict_proba(self) -> Callable[[Iterable[Any]], np.ndarray]:
-        """Class probabilities of images, columns in the order of ``classes_``.
+        """Class probabilities of images, columns in the order of ``classes_``:
+        ``model.predict_proba(X)``.
 
         Absent when the exported head had no ``predict_proba`` (it outputs decision scores).
         """
@@ -88,7 +89,8 @@ class ExportedModel:
 
     @property
     def decision_function(self) -> Callable[[Iterable[Any]], np.ndarray]:
-        """Decision scores of images, as the exported head's ``decision_function``.
+        """Decision scores of images, as the exported head's ``decision_function``:
+        ``model.decision_function(X)``.
 
         Absent when the export outputs probabilities.
         """
