@@ -332,6 +332,8 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[
             "damaged, not a PyTorch or safetensors file, or holds pickled Python objects, which "
             "are refused because loading them can run arbitrary code. Save plain tensors with "
             "torch.save(model.state_dict(), path).") from None
+    if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
+        state = state["model_state_dict"]  # the PyTorch tutorials' training checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors (it holds "
@@ -521,11 +523,18 @@ def _feature_info_stages(model: nn.Module) -> list[tuple[str, nn.Module]] | None
         if name in layers.return_layers:
             stages.append((names[len(stages)], nn.Sequential(*group)))
             group = []
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-2:]
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    param = next(model.parameters(), None)
+    x = x if param is None else x.to(param.device)
     was_training = model.training
-    with torch.inference_mode():
-        model.eval()
-        expected, got = model.forward_features(x), nn.Sequential(*[m for _, m in stages])(x)
+    try:
+        with torch.inference_mode():
+            model.eval()
+            expected, got = model.forward_features(x), nn.Sequential(*[m for _, m in stages])(x)
+    except Exception:  # noqa: BLE001 -- a network whose stages cannot run alone: one stage
+        return None
+    finally:
         model.train(was_training)
     return stages if got.shape == expected.shape and torch.allclose(got, expected) else None
 

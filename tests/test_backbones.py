@@ -172,6 +172,16 @@ def test_checkpoints_with_pickled_objects_are_refused(tmp_path):
         load_checkpoint(tmp_path / "evil.pth")
 
 
+def test_a_training_checkpoint_gives_its_model_weights(tmp_path):
+    weights = {"w": torch.arange(3.0)}
+    for key in ("state_dict", "model", "model_state_dict"):
+        torch.save({key: weights, "epoch": 3}, tmp_path / "c.pth")
+        assert torch.equal(load_checkpoint(tmp_path / "c.pth")["w"], weights["w"])
+    torch.save({"epoch": 3}, tmp_path / "c.pth")
+    with pytest.raises(ValueError, match=r"c\.pth.*not hold a state dict.*'epoch'"):
+        load_checkpoint(tmp_path / "c.pth")
+
+
 def test_checksum_mismatch_is_refused(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "w.pth")
     with pytest.raises(ValueError, match="SHA-256"):
