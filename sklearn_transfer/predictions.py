@@ -323,7 +323,8 @@ def write_predictions(estimator: Any, images: Iterable[str | os.PathLike],
         else []
     columns = _columns(classes)
     n_images, n_failed, first_error = 0, 0, None
-    with atomic_write(out) as tmp, _TableWriter(tmp, columns, classes, fmt) as writer, \
+    labels = np.asarray(getattr(estimator, "classes_", [])).tolist()  # the label column's type
+    with atomic_write(out) as tmp, _TableWriter(tmp, columns, labels, fmt) as writer, \
             tqdm(total=total, unit="img", desc="predict", disable=not progress) as bar:
         for paths, values, errors in predict_chunks(estimator, images, chunk_size, on_error):
             writer.write(paths, values, errors, estimator)
@@ -390,12 +391,12 @@ def _labels(values: np.ndarray, errors: list, estimator: Any) -> list:
 class _TableWriter:
     """Each chunk as one pyarrow table, appended by pyarrow's CSV or Parquet writer."""
 
-    def __init__(self, path: str, columns: list[str], classes: list, fmt: str) -> None:
+    def __init__(self, path: str, columns: list[str], labels: list, fmt: str) -> None:
         import pyarrow as pa
         import pyarrow.csv
         import pyarrow.parquet
 
-        label_type = pa.array(np.asarray(classes)).type if classes else pa.string()
+        label_type = pa.array(np.asarray(labels)).type if labels else pa.string()
         fields = [("path", pa.string()), ("label", label_type)]
         fields += [(name, pa.float64()) for name in columns[2:-1]] + [("error", pa.string())]
         self.schema = pa.schema(fields)

@@ -89,6 +89,12 @@ def test_a_model_without_probabilities_writes_labels(images, tmp_path):
     assert [r["label"] for r in rows] == model.predict(images).tolist()
     write_predictions(model, images, tmp_path / "p.parquet", progress=False)
     assert pq.read_table(tmp_path / "p.parquet").column_names == ["path", "label", "error"]
+    # integer labels keep their type in both formats
+    model = codes_pipeline(LinearSVC(), images, labels=(3, 7))
+    for name in ("i.csv", "i.parquet"):
+        write_predictions(model, images, tmp_path / name, progress=False)
+    assert [int(r["label"]) for r in csv.DictReader((tmp_path / "i.csv").open())] == \
+        pq.read_table(tmp_path / "i.parquet")["label"].to_pylist() == model.predict(images).tolist()
 
 
 def test_integer_classes_and_classes_named_like_a_column(images, tmp_path):
