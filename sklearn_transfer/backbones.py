@@ -296,8 +296,9 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[
 
     ``.safetensors`` files are read with safetensors, anything else with
     ``torch.load(weights_only=True)``, which refuses pickled objects other than
-    tensors and plain containers; a training checkpoint's ``state_dict`` (or
-    its EMA weights) is taken out of it. With ``sha256`` the file is verified first.
+    tensors and plain containers; a training checkpoint's ``state_dict``, ``model``
+    or ``model_state_dict`` is taken out of it (not its EMA weights), and DataParallel's
+    ``module.`` prefixes are removed. With ``sha256`` the file is verified first.
 
     Parameters
     ----------
@@ -309,7 +310,7 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[
     -------
     dict of str to torch.Tensor
     """
-    from timm.models import load_state_dict
+    from timm.models import clean_state_dict, load_state_dict
 
     path = Path(path)
     if not path.is_file():
@@ -325,15 +326,17 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[
         raise ImportError(
             f"reading {str(path)!r} needs the 'safetensors' package: pip install safetensors")
     try:
-        state = load_state_dict(str(path), weights_only=True)
+        # the trained weights, as the old reader gave them, not an EMA copy next to them
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise ValueError(
-            f"could not read the weights file {str(path)!r} ({type(exc).__name__}): it is "
+            f"could not read the weights file {str(path)!r} ({type(exc).__name__}: {exc}); it is "
             "damaged, not a PyTorch or safetensors file, or holds pickled Python objects, which "
             "are refused because loading them can run arbitrary code. Save plain tensors with "
             "torch.save(model.state_dict(), path).") from None
     if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
-        state = state["model_state_dict"]  # the PyTorch tutorials' training checkpoint
+        # the PyTorch tutorials' training checkpoint, which timm does not unwrap
+        state = clean_state_dict(state["model_state_dict"])
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors (it holds "
@@ -515,28 +518,31 @@ def _feature_info_stages(model: nn.Module) -> list[tuple[str, nn.Module]] | None
     try:
         layers = FeatureDictNet(model, out_indices=tuple(range(len(names))),
                                 flatten_sequential=True)
-    except AssertionError:  # timm's own check: a cut point is not in its module order
+    except Exception:  # noqa: BLE001 -- timm's check: a cut point is not in its module order
         return None
     stages, group = [], []
     for name, module in layers.items():
         group.append(module)
         if name in layers.return_layers:
-            stages.append((names[len(stages)], nn.Sequential(*group)))
+            stages.append((names[int(layers.return_layers[name])], nn.Sequential(*group)))
             group = []
     size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-2:]
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
     param = next(model.parameters(), None)
-    x = x if param is None else x.to(param.device)
-    was_training = model.training
+    x = x if param is None else x.to(param.device, param.dtype)
+    modes = {m: m.training for m in model.modules()}
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: some timm models cache tensors in eval
             model.eval()
             expected, got = model.forward_features(x), nn.Sequential(*[m for _, m in stages])(x)
+            same = got.shape == expected.shape and torch.allclose(
+                got, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
     except Exception:  # noqa: BLE001 -- a network whose stages cannot run alone: one stage
         return None
     finally:
-        model.train(was_training)
-    return stages if got.shape == expected.shape and torch.allclose(got, expected) else None
+        for m, training in modes.items():
+            m.training = training
+    return stages if same and len(stages) == len(names) else None
 
 
 class _ForwardFeatures(nn.Module):

@@ -396,7 +396,10 @@ class _TableWriter:
         import pyarrow.csv
         import pyarrow.parquet
 
-        label_type = pa.array(np.asarray(labels)).type if labels else pa.string()
+        try:
+            label_type = pa.array(np.asarray(labels)).type if labels else pa.string()
+        except (ValueError, pa.ArrowException):  # classes_ of several outputs: as text
+            label_type = pa.string()
         fields = [("path", pa.string()), ("label", label_type)]
         fields += [(name, pa.float64()) for name in columns[2:-1]] + [("error", pa.string())]
         self.schema = pa.schema(fields)

@@ -177,6 +177,11 @@ def test_a_training_checkpoint_gives_its_model_weights(tmp_path):
     for key in ("state_dict", "model", "model_state_dict"):
         torch.save({key: weights, "epoch": 3}, tmp_path / "c.pth")
         assert torch.equal(load_checkpoint(tmp_path / "c.pth")["w"], weights["w"])
+    ema = {"w": torch.zeros(3)}  # timm's training checkpoint: the trained weights, not the EMA
+    torch.save({"state_dict": weights, "state_dict_ema": ema}, tmp_path / "c.pth")
+    assert torch.equal(load_checkpoint(tmp_path / "c.pth")["w"], weights["w"])
+    torch.save({"model_state_dict": {"module.w": weights["w"]}}, tmp_path / "c.pth")
+    assert list(load_checkpoint(tmp_path / "c.pth")) == ["w"]  # DataParallel's prefix off
     torch.save({"epoch": 3}, tmp_path / "c.pth")
     with pytest.raises(ValueError, match=r"c\.pth.*not hold a state dict.*'epoch'"):
         load_checkpoint(tmp_path / "c.pth")
