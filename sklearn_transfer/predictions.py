@@ -403,11 +403,8 @@ class _TableWriter:
         fields = [("path", pa.string()), ("label", label_type)]
         fields += [(name, pa.float64()) for name in columns[2:-1]] + [("error", pa.string())]
         self.schema = pa.schema(fields)
-        if fmt == "csv":
-            options = pyarrow.csv.WriteOptions(quoting_style="needed")
-            self.writer = pyarrow.csv.CSVWriter(path, self.schema, write_options=options)
-        else:
-            self.writer = pyarrow.parquet.ParquetWriter(path, self.schema)
+        self.writer = (pyarrow.csv.CSVWriter if fmt == "csv"
+                       else pyarrow.parquet.ParquetWriter)(path, self.schema)
 
     def __enter__(self) -> _TableWriter:
         return self
