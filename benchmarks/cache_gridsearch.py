@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -195,14 +194,13 @@ def main() -> None:
             f"{folder} not found: this benchmark needs real images. Pass the folder that "
             f"holds {args.dataset}/ (the project's ../shared/data) as the first argument."
         )
-    import torch
 
     from sklearn_transfer import FeatureCache
 
     print("command: python " + shlex.join([os.path.relpath(__file__), *sys.argv[1:]]))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-          f"load average at start {os.getloadavg()[0]:.2f}")
+    from machine import describe
+
+    print(f"machine: {describe()}")
     global LIMIT
     LIMIT = args.limit
     X, y = load(folder, 0, LIMIT)

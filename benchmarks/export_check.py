@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
@@ -59,7 +60,7 @@ def main() -> None:
     root = DATA / "hymenoptera_data"
     X, y = load_image_folder(root / "train")
     X_val, y_val = load_image_folder(root / "val")
-    load = os.getloadavg()[0]
+    machine = describe()
     rows = ["| model | precision | max abs Δ proba | predictions differing | accuracy "
             "(estimator / export) | estimator img/s | export img/s | ratio |",
             "|---|---|---|---|---|---|---|---|"]
@@ -90,8 +91,7 @@ def main() -> None:
     text = "\n".join([
         f"Command: `{shlex.join(['python', 'benchmarks/export_check.py', *sys.argv[1:]])}`", "",
         f"hymenoptera: fit on {len(X)} training images, predicted {len(X_val)} validation "
-        f"images; median of {args.rounds} alternating rounds; load average at start "
-        f"{load:.1f}", "", *rows, ""])
+        f"images; median of {args.rounds} alternating rounds; {machine}", "", *rows, ""])
     print("\n" + text)
     if args.out:
         args.out.write_text(text)

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe
 
 from sklearn_transfer import CNNFeatureTransformer, extract_codes
 from sklearn_transfer.runtime import usable_cores
@@ -64,7 +65,7 @@ def main() -> None:
     if len(paths) < args.n:
         raise SystemExit(f"{DATA / args.images} holds {len(paths)} JPEGs, fewer than -n {args.n}")
     sizes = [int(v) for v in args.memory_sizes.split(",") if v]
-    print(f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    print(describe(), flush=True)
     tf = CNNFeatureTransformer(progress=False).fit()
     tf.transform(paths[:16])  # warm-up: engine compiled, files in the page cache
     print(f"{len(paths)} images, {tf.computation_}, torch threads {torch.get_num_threads()}, "

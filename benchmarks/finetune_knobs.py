@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 from sklearn.metrics import accuracy_score, log_loss
 from sklearn.model_selection import StratifiedKFold
 
@@ -58,6 +59,8 @@ def main() -> None:
                         help="fit on each DATASET/train and score on its val instead of CV")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    args.machine = describe()
+    print(args.machine, flush=True)
     if args.val:
         return on_val(args)
 
@@ -89,9 +92,9 @@ def main() -> None:
             print(f"{config:<24} {tta!s:<5} {' '.join(f'{a:.3f}' for a in accs):<28} "
                   f"{np.mean(accs):6.3f} {np.mean([r['log_loss'] for r in sel]):9.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"folds": args.folds, "n_images": len(y),
-                                         "load_average": os.getloadavg(), "rows": rows},
-                                        indent=1) + "\n")
+        args.json.write_text(json.dumps(
+            {"folds": args.folds, "n_images": len(y), "machine": args.machine,
+             "load_average_end": os.getloadavg(), "rows": rows}, indent=1) + "\n")
 
 
 def on_val(args: argparse.Namespace) -> None:
@@ -115,7 +118,7 @@ def on_val(args: argparse.Namespace) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
-                args.json.write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows},
+                args.json.write_text(json.dumps({"machine": args.machine, "rows": rows},
                                                 indent=1) + "\n")
     print(f"\n{'dataset':<28} {'config':<30} {'val acc':>8} {'with tta':>9} {'log loss':>9}")
     for r in rows:

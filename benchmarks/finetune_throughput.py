@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe
 from torch import nn
 
 from sklearn_transfer import FineTunedClassifier, get_backbone, load_image_folder
@@ -90,9 +91,9 @@ def main() -> None:
                            for c in classes])
     X, y = X[take], y[take]
     y_index = (y == classes[1]).astype(np.int64)
+    print(describe())
     print(f"{len(X)} images from {args.data}, batch {args.batch_size}, backbone "
-          f"{args.backbone}, freeze_depth={args.freeze_depth}, torch threads "
-          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+          f"{args.backbone}, freeze_depth={args.freeze_depth}")
 
     def classifier(**params) -> FineTunedClassifier:
         return FineTunedClassifier(args.backbone, freeze_depth=args.freeze_depth,

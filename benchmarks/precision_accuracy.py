@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from machine import describe
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
@@ -97,8 +96,7 @@ def main() -> None:
                    if (p / "train").is_dir() and (p / "val").is_dir())
     if not names:
         raise SystemExit(f"no NAME/train, NAME/val folders in {root}")
-    print(f"{platform.machine()}, {torch.get_num_threads()} torch threads, load average "
-          f"{os.getloadavg()[0]:.2f}; datasets {names}")
+    print(f"{describe()}; datasets {names}")
     runs = ([] if args.skip_codes else [(n, "codes + LogisticRegression", CODES)
                                         for n in names])
     runs += [] if args.skip_finetune else [(n, "FineTunedClassifier", FINETUNING)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from benchmarks.suite import DIGITS, digits, find_datasets  # noqa: E402
 
 
@@ -183,10 +183,9 @@ def main() -> None:
     datasets = [d for d in datasets if d.name != DIGITS]
     if not args.datasets or DIGITS in args.datasets:
         datasets.append(digits())
-    import torch
 
     meta = {"command": "python " + shlex.join([os.path.relpath(__file__), *sys.argv[1:]]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+            "machine": describe(),
             "load_start": os.getloadavg()[0]}
     results = []
     for d in datasets:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 import sklearn_transfer
+from benchmarks.machine import describe
 from sklearn_transfer import (
     CNNFeatureTransformer,
     FeatureCache,
@@ -287,7 +287,7 @@ def write_report(results: list[Result], meta: dict[str, Any], out: Path) -> str:
         {"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
     lines = [
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; torch {meta['torch']}; seed {SEED}; "
+        f"Machine: {meta['machine']}; seed {SEED}; "
         f"total {meta['total_s'] / 60:.1f} min"
         + ("" if meta.get("finished", True) else " so far (run still going or stopped)"),
         "",
@@ -469,6 +469,7 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
     cache = args.cache or args.out / "cache"
     command = " ".join(["python -m benchmarks run",
                         *(argv if argv is not None else sys.argv[2:])])
+    machine = describe()  # the load as the run starts
     results: list[Result] = []
     notes: dict[str, str] = {}
     for d in datasets:
@@ -484,8 +485,8 @@ def run(argv: list[str] | None = None, *, progress: Callable[[str], None] = prin
                 progress(f"{d.name:28s} {strategy:16s} {r.backbone:18s} acc {r.accuracy:.4f} "
                          f"f1 {r.f1_macro:.4f}  fit {r.fit_s:6.0f} s")
                 # written after every result: a stopped run keeps what it measured
-                write_report(results, _meta(command, start, notes, done=False), args.out)
-    meta = _meta(command, start, notes, done=True)
+                write_report(results, _meta(command, start, notes, False, machine), args.out)
+    meta = _meta(command, start, notes, True, machine)
     table = write_report(results, meta, args.out)
     progress(table)
     progress(f"written to {_shown(args.out)}")
@@ -500,11 +501,11 @@ def _shown(out: Path) -> str:
         return f"{out}/"
 
 
-def _meta(command: str, start: float, notes: dict[str, str], done: bool) -> dict[str, Any]:
+def _meta(command: str, start: float, notes: dict[str, str], done: bool,
+          machine: str) -> dict[str, Any]:
     return {
         "command": command,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "machine": machine,
         "torch": torch.__version__, "sklearn_transfer": sklearn_transfer.__version__,
         "seed": SEED, "total_s": time.perf_counter() - start, "finished": done,
         "notes": notes,

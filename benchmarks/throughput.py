@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -32,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe
 from PIL import Image
 
 from sklearn_transfer import CNNFeatureTransformer, load_image_folder
+from sklearn_transfer.batches import ImageDataset
 from sklearn_transfer.computation import CodesExtractor
 from sklearn_transfer.engines import available_engines, engine_for
 from sklearn_transfer.runtime import native_precision
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true",
                         help="also precision='int8', calibrated on the same images (needs NNCF)")
     args = parser.parse_args()
+    machine = describe()  # the load as the run starts
     data = Path(args.data)
     if not data.is_dir():
         sys.exit(f"no image folder at {data}: pass --data ROOT/CLASS/*.jpg")
@@ -91,7 +93,7 @@ def main() -> None:
     cfg = net.data_config
     default = f"{tf.computation_.engine} {tf.computation_.precision}"
     print(f"{n} images from {data}; backbone {args.backbone} ({cfg.input_size} px); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
+          f"{machine}")
     print(f"defaults resolved to engine={tf.computation_.engine!r}, "
           f"precision={tf.computation_.precision!r}; first fit (conversion included) "
           f"{first_fit:.1f} s")
@@ -145,9 +147,21 @@ def main() -> None:
     with torch.inference_mode():
         plain(decoded[: args.batch_size].contiguous())
 
+    dataset = ImageDataset(X, cfg)
+
+    def decoding_alone():  # reading, decoding and resizing as the pipeline does, one core
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i in range(n):
+                dataset[i]
+        finally:
+            torch.set_num_threads(threads)
+
     runs = {"transform (defaults)": lambda: tf.transform(X),
             "transform (torch float32)": lambda: eager.transform(X),
-            "tutorial loop": run_b, "one at a time": run_c}
+            "tutorial loop": run_b, "one at a time": run_c,
+            "decoding alone (one thread)": decoding_alone}
     if int8 is not None:
         runs["transform (int8)"] = lambda: int8.transform(X)
         alone["openvino int8"] = engine_for(int8.computation_, "cpu")  # quantized at fit
@@ -179,7 +193,7 @@ def main() -> None:
         print(f"{k:58s} {v:5.2f}")
     if args.json:
         figures = {"n": n, "defaults": default, "first_fit_s": first_fit, "images_per_s": rate,
-                   "ratios": ratios, "load": os.getloadavg()[0]}
+                   "ratios": ratios, "machine": machine, "load": os.getloadavg()[0]}
         Path(args.json).write_text(json.dumps(figures, indent=2))
         Path(args.json).with_suffix(".md").write_text(markdown(figures, sys.argv[1:]))
 
@@ -192,13 +206,15 @@ WAYS = {
     "transform (int8)": '`CNNFeatureTransformer(precision="int8").transform`',
     "tutorial loop": "tutorial loop: `ImageFolder` + `DataLoader` + the network in float32",
     "one at a time": "one image at a time",
+    "decoding alone (one thread)": "decoding alone: reading, decoding and resizing, one thread",
 }
 
 
 def markdown(figures: dict, argv: list[str]) -> str:
     """The table of ``figures`` (as written to the JSON file), with the command that made it."""
     command = shlex.join(["python", "benchmarks/throughput.py", *argv])
-    lines = [f"Command: `{command}`", "", "| way | images/s |", "|---|---|"]
+    lines = [f"Command: `{command}`  ", f"Machine: {figures['machine']}", "",
+             "| way | images/s |", "|---|---|"]
     for way, rate in figures["images_per_s"].items():
         name = WAYS.get(way, way).format(figures["defaults"])
         lines.append(f"| {name} | {'**' if way == 'transform (defaults)' else ''}{rate:.1f}"
