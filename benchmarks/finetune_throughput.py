@@ -124,10 +124,11 @@ def main() -> None:
     for _ in range(args.epochs):
         for name, run in epochs.items():
             rates[name].append(run())
-    print(f"{'':42}" + "".join(f"epoch {i + 1:<4}" for i in range(args.epochs))
+    width = max(map(len, rates)) + 2
+    print(f"{'':{width}}" + "".join(f"epoch {i + 1:<4}" for i in range(args.epochs))
           + "  median img/s")
     for name, values in rates.items():
-        print(f"{name:42}" + "".join(f"{v:<10.2f}" for v in values)
+        print(f"{name:{width}}" + "".join(f"{v:<10.2f}" for v in values)
               + f"  {statistics.median(values):.2f}")
     # total images over total time: steadier than a median of few epochs on a busy machine
     overall = {k: len(v) / sum(1 / r for r in v) for k, v in rates.items()}
