@@ -128,7 +128,7 @@ def _cluster(shape: str, tmp: Path):
 
     workers, threads = (int(v) for v in shape.split("x"))
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                      dashboard_address=None, silence_logs=logging.ERROR,
+                      dashboard_address=":0", silence_logs=logging.ERROR,
                       local_directory=str(tmp)) as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
         yield client

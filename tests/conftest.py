@@ -65,9 +65,10 @@ def local_cluster(directory: Path):
 
     import sklearn_transfer
 
-    # the workers must import this checkout, not another installed copy
+    # the workers must import this checkout, not another installed copy; the scheduler's
+    # HTTP server on any free port (its default 8787 is taken by a second cluster)
     with distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
             silence_logs=logging.ERROR, env={"PYTHONPATH": str(REPO)},
             local_directory=str(directory)) as cluster, distributed.Client(cluster) as client:
         here = os.path.dirname(sklearn_transfer.__file__)

@@ -214,7 +214,7 @@ def test_a_closed_client_or_a_cluster_without_workers_is_named(pngs, tmp_path,  
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cluster = distributed.LocalCluster(n_workers=0, processes=False,
-                                           dashboard_address=None)
+                                           dashboard_address=":0")
     client = distributed.Client(cluster)
     try:
         monkeypatch.setattr(extract, "WORKER_WAIT_S", 1.0)
