@@ -54,8 +54,7 @@ def image_batches(dataset: torch.utils.data.Dataset, runtime: Runtime, batch_siz
 
 
 def run_engine(engine: Any, batches: Iterable[tuple[torch.Tensor, Any]], batch_size: int,
-               bar: Any = None, parameter: str = "batch_size",
-               ) -> Iterator[tuple[np.ndarray, Any]]:
+               bar: Any = None) -> Iterator[tuple[np.ndarray, Any]]:
     """``(codes, tag)`` of each ``(images, tag)`` batch through ``engine``, in order.
 
     Parameters
@@ -67,8 +66,6 @@ def run_engine(engine: Any, batches: Iterable[tuple[torch.Tensor, Any]], batch_s
         Named by a CUDA out-of-memory error, which says to lower it.
     bar : tqdm, optional
         Advanced by each batch's images.
-    parameter : str, default="batch_size"
-        The caller's parameter that sets ``batch_size``, named by that error.
 
     Examples
     --------
@@ -85,7 +82,7 @@ def run_engine(engine: Any, batches: Iterable[tuple[torch.Tensor, Any]], batch_s
     >>> [(codes.shape, tag) for codes, tag in run_engine(engine, batches, batch_size=2)]
     [((2, 8), 'a'), ((1, 8), 'b')]
     """
-    with actionable_oom(batch_size, parameter):
+    with actionable_oom(batch_size):
         for codes, tag in engine.map(batches):
             if bar is not None:
                 bar.update(len(codes))

@@ -130,16 +130,14 @@ class TorchEngine:
     Parameters
     ----------
     computation : CodesComputation
-    network : nn.Module
-        Run as it is when it is on the runtime's device; else a copy is moved
-        there (the caller's network stays where it is).
+    network : Backbone
+        Run as it is on the CPU; copied to another device.
     runtime : Runtime
     """
 
     def __init__(self, computation: CodesComputation, network: nn.Module,
                  runtime: Runtime) -> None:
-        target = torch.empty(0, device=runtime.device).device  # "cuda" as "cuda:0"
-        if any(p.device != target for p in network.parameters()):
+        if runtime.device.type != "cpu":
             network = copy.deepcopy(network)
         self.runtime = runtime
         self.module = computation.extractor(network).to(runtime.device,

@@ -57,7 +57,9 @@ from sklearn_transfer.backbones import Backbone, get_backbone
 from sklearn_transfer.batches import (
     ImageDataset,
     ImageLoader,
+    LoadFailure,
     MixBatch,
+    collate_images,
 )
 from sklearn_transfer.callbacks import FiniteLoss, WeightEMA, warmup_schedule
 from sklearn_transfer.checkpoint import TrainingCheckpoint
@@ -65,12 +67,11 @@ from sklearn_transfer.codes import image_batches, run_engine
 from sklearn_transfer.engines import (
     ENGINES,
     EngineUnavailableError,
-    TorchEngine,
     engine_for,
     resolve_engine,
 )
 from sklearn_transfer.network import FineTuneModule, Predictor, resolve_freeze_depth
-from sklearn_transfer.preprocessing import augment_options
+from sklearn_transfer.preprocessing import augment_options, tta_views
 from sklearn_transfer.runtime import PRECISIONS, Runtime, actionable_oom, seeded
 
 __all__ = ["DEFAULT_DEVICE", "FineTunedClassifier"]
@@ -145,6 +146,26 @@ def _check_class_weight(class_weight: Any) -> None:
         if not isinstance(weight, numbers.Real) or not np.isfinite(weight) or weight <= 0:
             raise ValueError(f"class_weight[{label!r}]={weight!r}: a class weight must be a "
                              "finite positive number")
+
+
+class _Views(torch.utils.data.Dataset):
+    """A dataset's images batched with their test-time augmentation views, view by view."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def collate(self, batch: list) -> Any:
+        collated = collate_images(batch)
+        if isinstance(collated, LoadFailure):
+            return collated
+        x, y = collated
+        return torch.cat(tta_views(x)), y  # one forward pass of every view
 
 
 # -------------------------------------------------------------------- the estimator
@@ -680,18 +701,14 @@ class FineTunedClassifier(NeuralNetClassifier):
                 self.__dict__.pop("grad_scaler_", None)
         return self
 
-    def _batch_size(self, training: bool) -> tuple[int, str]:
-        """The batch size of training or prediction, and the parameter that sets it."""
-        prefix = "iterator_train" if training else "iterator_valid"
-        routed = self.get_params_for(prefix)
-        if "batch_size" in routed:
-            return routed["batch_size"], f"{prefix}__batch_size"
-        return self.batch_size, "batch_size"
-
     def _oom_hint(self, training: bool) -> Any:
         """One CUDA out-of-memory message, for fit or for prediction: the size to lower."""
-        return actionable_oom(*self._batch_size(training), ", or freeze more stages "
-                              "(freeze_depth)" if training else "")
+        prefix = "iterator_train" if training else "iterator_valid"
+        routed = self.get_params_for(prefix)
+        size, name = ((routed["batch_size"], f"{prefix}__batch_size")
+                      if "batch_size" in routed else (self.batch_size, "batch_size"))
+        return actionable_oom(size, name, ", or freeze more stages (freeze_depth)"
+                              if training else "")
 
     # ------------------------------------------------------ initialisation
 
@@ -883,42 +900,43 @@ class FineTunedClassifier(NeuralNetClassifier):
         -------
         ndarray of float32, shape (n_samples, n_classes) or (n_samples, n_labels)
         """
+        # skorch's forward_iter, with scikit-learn's NotFittedError, the labels' own
+        # nonlinearity and the TTA views of each batch averaged
         if not self.__dict__.get("initialized_", False):
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. "
                                  "Call 'fit' with appropriate arguments before using it.")
         self._check_params()  # set_params after fit is checked where it is used
-        multilabel = self._is_multilabel()
-        # a loader draws its seed from torch's RNG: predicting between epochs (scoring
-        # callbacks) must leave training's random stream as it is
-        with self._oom_hint(training=False), torch.random.fork_rng(devices=[]):
-            if not is_dataset(X):
-                return self._image_proba(X, multilabel)
-            # skorch's own validation subsets, scored from the outputs it cached while
-            # validating: its forward_iter, without test-time augmentation
-            nonlin = torch.sigmoid if multilabel else (lambda t: torch.softmax(t, -1))
-            return np.concatenate([to_numpy(nonlin(out))
-                                   for out in self.forward_iter(X, training=False)])
-
-    def _image_proba(self, X: Any, multilabel: bool) -> np.ndarray:
-        """Probabilities of images from the whole fitted network, through the engine."""
-        runtime = self._runtime()
-        engine: Any = None
-        if self.engine_ == "openvino":  # compiled once per fitted weights and process
+        if not is_dataset(X) and self.engine_ == "openvino":
             try:
-                engine = engine_for(Predictor.of(self.module_, multilabel, self.tta), "cpu",
-                                    network=self.module_)
+                return self._engine_proba(X)
             except EngineUnavailableError as exc:  # a head OpenVINO cannot take: in torch
                 warnings.warn(f"{exc}; predicting in torch instead", RuntimeWarning,
-                              stacklevel=3)
-        if engine is None:  # the module itself: nothing to convert or keep
-            engine = TorchEngine(Predictor.of(self.module_, multilabel, self.tta, "torch"),
-                                 self.module_, runtime)
-        size, parameter = self._batch_size(training=False)
-        workers = self.get_params_for("iterator_valid").get("num_workers", 0)
+                              stacklevel=2)
+        # TTA views of the images given; skorch's own subsets (scored from the outputs cached
+        # while validating) as they are
+        views = 2 if self.tta and not is_dataset(X) else 1
+        dataset = X if is_dataset(X) else ImageDataset(X, self.module_.backbone.data_config)
+        if views > 1:
+            dataset = _Views(dataset)
+        nonlin = torch.sigmoid if self._is_multilabel() else (lambda t: torch.softmax(t, -1))
+        probas = []
+        # a loader draws its seed from torch's RNG: predicting (valid_acc with TTA, each
+        # epoch) must leave training's random stream as it is
+        with self._oom_hint(training=False), torch.random.fork_rng(devices=[]):
+            for out in self.forward_iter(dataset, training=False):
+                probas.append(to_numpy(nonlin(out).unflatten(0, (views, -1)).mean(0)))
+        return np.concatenate(probas, 0)
+
+    def _engine_proba(self, X: Any) -> np.ndarray:
+        """Probabilities of images from the whole fitted network compiled by the engine."""
+        predictor = Predictor.of(self.module_, self._is_multilabel(), self.tta)
+        engine = engine_for(predictor, "cpu", network=self.module_)
+        routed = self.get_params_for("iterator_valid")
+        size = routed.get("batch_size", self.batch_size)
         batches = image_batches(ImageDataset(X, self.module_.backbone.data_config),
-                                runtime, size, workers)
-        return np.concatenate([p for p, _ in run_engine(engine, batches, size,
-                                                        parameter=parameter)])
+                                self._runtime(), size, routed.get("num_workers", 0))
+        with self._oom_hint(training=False):
+            return np.concatenate([p for p, _ in run_engine(engine, batches, size)])
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels, of the type of ``y`` at fit.

@@ -137,7 +137,7 @@ class _Probabilities(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = tta_views(x) if self.tta else [x]
-        logits = self.module.logits(torch.cat(views)).float()  # probabilities in float32
+        logits = self.module.logits(torch.cat(views))
         proba = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, -1)
         return proba.unflatten(0, (len(views), -1)).mean(0)
 

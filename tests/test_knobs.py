@@ -256,12 +256,10 @@ def test_ema_with_validation_keeps_the_average_not_the_best_epoch():
 # ------------------------------------------------------------------------------- TTA
 
 
-@pytest.mark.parametrize("engine", ["auto", "torch"])
-def test_tta_averages_the_probabilities_of_the_image_and_its_mirror(engine):
+def test_tta_averages_the_probabilities_of_the_image_and_its_mirror():
     X = colour_images(24, size=32)  # the network's input size: no resizing
     y = np.array(["red", "green"] * 12)
-    clf = tiny(max_epochs=2, tta=True, engine=engine).fit(X, y)
-    assert clf.engine_ == ("torch" if engine == "torch" else "openvino")
+    clf = tiny(max_epochs=2, tta=True).fit(X, y)
     proba = clf.predict_proba(X)
     plain = clone(clf).set_params(tta=False)
     assert plain.get_params()["tta"] is False
